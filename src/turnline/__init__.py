@@ -1,0 +1,3 @@
+"""turnline: a durable, bidirectional session layer for streaming AI agents."""
+
+__version__ = "0.1.0"

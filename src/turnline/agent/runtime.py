@@ -1,0 +1,549 @@
+"""The server-side runtime: one hub per session decides, appends and runs turns.
+
+A hub owns its session's state (a :class:`turnline.core.Session`) and is the
+only writer of its log. Every decision (which turns a cancel matches, where a
+message goes, which policy applies) is made and applied to the state in one
+synchronous step, so no interleaving of coroutines can split it; the events
+are then flushed to the store in order, and subscribers receive them from the
+store's feed once they are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..core.session import InvariantError, Session
+from ..protocol import (
+    AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, ErrorCode, ErrorInfo, Message,
+    MessageEvent, MessageIn, Presence, Queued, Rejected, TurnEnd, TurnRevised, TurnStart,
+)
+from ..store.base import EventLog, Record
+from .metrics import Metrics
+from .turn import Agent, CancelRequest, Turn, message_from_input
+
+log = logging.getLogger("turnline.runtime")
+
+
+class CommandError(Exception):
+    """A command the runtime refuses; ``code`` is an :class:`ErrorCode`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RuntimeConfig:
+    default_policy: str = "concurrent"
+    allow_policy_override: bool = True
+    queue_limit: int = 16
+    # How long an aborted turn's handler may take to wind down before the turn
+    # is ended for it (its later writes are dropped and counted).
+    abort_grace_s: float = 2.0
+    tool_cancel_text: str = "cancelled"
+    max_outbox: int = 2048
+
+
+@dataclass
+class SendOutcome:
+    message_ids: list[str]
+    started: list[str] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+    rejected: str | None = None
+    cancelled: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"message_ids": self.message_ids, "turn_ids": self.started}
+        if self.queued:
+            out["queued"] = self.queued
+        if self.rejected:
+            out["rejected"] = self.rejected
+        if self.cancelled:
+            out["cancelled"] = self.cancelled
+        return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class SessionHub:
+    def __init__(self, runtime: Runtime, session_id: str, state: Session):
+        self.runtime = runtime
+        self.session_id = session_id
+        self.state = state
+        self.turns: dict[str, Turn] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._outbox: list[AnyEvent] = []
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flushing = False
+        self._drained: asyncio.Future[None] | None = None
+        self._presence = state.presence.state if state.presence else "idle"
+        self._privileged_pending: set[str] = set()
+        self.broken: BaseException | None = None
+
+    @property
+    def store(self) -> EventLog:
+        return self.runtime.store
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.runtime.metrics
+
+    # ------------------------------------------------------------ appending
+
+    def emit(self, events: Sequence[AnyEvent]) -> asyncio.Future[None]:
+        """Apply ``events`` to the state now and queue them for the store.
+        The future resolves when they are durable."""
+        if self.broken is not None:
+            raise CommandError(ErrorCode.INTERNAL, f"session store failed: {self.broken}")
+        ts = time.time_ns() // 1_000_000
+        for ev in events:
+            ev.seq = self.state.last_seq + 1
+            if not ev.ts:
+                ev.ts = ts
+            self.state.apply(ev)
+        self._outbox.extend(events)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.state.last_seq, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        return fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                records = await self.store.append(self.session_id, batch)
+                if records[0].seq != batch[0].seq:
+                    raise InvariantError(
+                        f"store assigned seq {records[0].seq}, expected {batch[0].seq}: another writer?")
+                self.metrics.events_appended.inc(len(records))
+                last = records[-1].seq
+                ready = [f for s, f in self._waiters if s <= last]
+                self._waiters = [(s, f) for s, f in self._waiters if s > last]
+                for f in ready:
+                    if not f.done():
+                        f.set_result(None)
+                if self._drained is not None and len(self._outbox) < self.runtime.config.max_outbox:
+                    self._drained.set_result(None)
+                    self._drained = None
+        except BaseException as exc:  # the state is now ahead of the log: retire this hub
+            self.metrics.store_errors.inc()
+            log.exception("append failed for session %s", self.session_id)
+            self.broken = exc
+            for _, f in self._waiters:
+                if not f.done():
+                    f.set_exception(CommandError(ErrorCode.INTERNAL, f"store append failed: {exc}"))
+            self._waiters.clear()
+            self.runtime._retire(self)
+            for turn in list(self.turns.values()):
+                turn.abort_signal.abort("store_failed")
+        finally:
+            self._flushing = False
+
+    async def backpressure(self) -> None:
+        if len(self._outbox) >= self.runtime.config.max_outbox:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
+
+    def append_chunk(self, turn: Turn, chunk: dict[str, Any], final: bool) -> None:
+        if not self.state.is_active(turn.turn_id):
+            self.count_late_chunk()
+            return
+        first = not self.state.active[turn.turn_id].chunks
+        self.emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
+        if first:
+            self._publish_presence()
+
+    def count_late_chunk(self) -> None:
+        self.metrics.late_chunks.inc()
+
+    def _publish_presence(self) -> None:
+        state = self.state.presence_state()
+        if state != self._presence:
+            self._presence = state
+            self.emit([Presence(state=state, turns=list(self.state.active), client_id=self.runtime.agent_id)])
+
+    # ------------------------------------------------------------ commands
+
+    async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
+                   parent_id: str | None = None, steer: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+        state = self.state
+        cfg = self.runtime.config
+        if policy is not None and not cfg.allow_policy_override:
+            raise CommandError(ErrorCode.FORBIDDEN, "this server does not allow choosing a policy per send")
+        policy = policy or cfg.default_policy
+        if parent_id is not None and parent_id not in state.messages:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no message {parent_id} in session {self.session_id}")
+        ids = [m.id or new_id("msg") for m in messages]
+        if len(set(ids)) != len(ids) or any(i in state.messages for i in ids):
+            raise CommandError(ErrorCode.CONFLICT, "a message with this id already exists")
+        agent_id = self.runtime.agent_id
+
+        if steer is not None:
+            turn = self.turns.get(steer)
+            if turn is None or not state.is_active(steer):
+                raise CommandError(ErrorCode.NOT_FOUND, f"no running turn {steer} to steer")
+            events, built = self._chain(requester, messages, ids, turn.input.id, {"steer": steer})
+            fut = self.emit(events)
+            for m in built:
+                turn._deliver(m)
+            return SendOutcome(ids), fut
+
+        busy = bool(state.active) or bool(state.queue)
+        if policy == "reject" and busy:
+            fut = self.emit([Rejected(message_id=ids[-1], code=ErrorCode.BUSY, client_id=requester)])
+            return SendOutcome(ids, rejected=ErrorCode.BUSY), fut
+
+        if policy == "queue" and busy:
+            if len(state.queue) >= cfg.queue_limit:
+                fut = self.emit([Rejected(message_id=ids[-1], code=ErrorCode.QUEUE_FULL, client_id=requester)])
+                return SendOutcome(ids, rejected=ErrorCode.QUEUE_FULL), fut
+            # Sequential conversation: the message follows the reply it waits for.
+            behind = state.queue[-1].turn_id if state.queue else next(reversed(state.active))
+            after = self._reply_id(behind)
+            events, _ = self._chain(requester, messages, ids, parent_id or after, None)
+            turn_id = new_id("turn")
+            events.append(Queued(message_id=ids[-1], position=len(state.queue) + 1, turn_id=turn_id,
+                                 client_id=requester))
+            fut = self.emit(events)
+            return SendOutcome(ids, queued=[turn_id]), fut
+
+        cancelled: list[str] = []
+        wait_for: list[asyncio.Event] = []
+        parent = parent_id if parent_id is not None else state.default_parent()
+        pre: list[AnyEvent] = []
+        if policy in ("interrupt", "rollback"):
+            own = [t for t in state.active.values() if t.owner == requester and t.cancel is None]
+            if own:
+                latest = own[-1]
+                request_id = new_id("cancel")
+                rolled: list[str] = []
+                if policy == "rollback":
+                    for t in own:
+                        rolled += [t.input_id, t.message_id]
+                    if parent_id is None:
+                        parent = state.messages[own[0].input_id].parent_id
+                elif parent_id is None:
+                    parent = latest.message_id
+                cancelled = [t.turn_id for t in own]
+                pre = [CancelEvent(request_id=request_id, filter=CancelFilter(own=True), client_id=requester),
+                       CancelResult(request_id=request_id, cancelled=cancelled, rolled_back=rolled,
+                                    client_id=agent_id)]
+                for t in cancelled:
+                    self._abort(t, "interrupted")
+                    if t in self.turns:
+                        wait_for.append(self.turns[t].ended)
+        events, built = self._chain(requester, messages, ids, parent, None)
+        turn_id = new_id("turn")
+        events.append(self._turn_start(turn_id, requester, ids[-1]))
+        fut = self.emit(pre + events)
+        self._launch(turn_id, wait_for)
+        return SendOutcome(ids, started=[turn_id], cancelled=cancelled), fut
+
+    def _chain(self, requester: str, messages: Sequence[MessageIn], ids: list[str], parent: str | None,
+               extra_meta: dict[str, Any] | None) -> tuple[list[AnyEvent], list[Message]]:
+        events: list[AnyEvent] = []
+        built: list[Message] = []
+        for m, mid in zip(messages, ids):
+            msg = message_from_input(m, mid, parent)
+            if extra_meta:
+                msg.metadata = {**(msg.metadata or {}), **extra_meta}
+            events.append(MessageEvent(message=msg, client_id=requester))
+            built.append(msg)
+            parent = mid
+        return events, built
+
+    def _reply_id(self, turn_id: str) -> str:
+        turn = self.state.turns.get(turn_id)
+        return turn.message_id if turn is not None else _reply_for(turn_id)
+
+    def _turn_start(self, turn_id: str, owner: str, input_id: str) -> TurnStart:
+        return TurnStart(turn_id=turn_id, owner=owner, input_id=input_id, message_id=_reply_for(turn_id),
+                         client_id=self.runtime.agent_id)
+
+    async def regenerate(self, requester: str, message_id: str) -> tuple[SendOutcome, asyncio.Future[None]]:
+        msg = self.state.messages.get(message_id)
+        if msg is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no message {message_id} in session {self.session_id}")
+        input_id = msg.parent_id if msg.role == "assistant" else msg.id
+        if input_id is None:
+            raise CommandError(ErrorCode.CONFLICT, "this message has no input to regenerate from")
+        turn_id = new_id("turn")
+        fut = self.emit([self._turn_start(turn_id, requester, input_id)])
+        self._launch(turn_id, [])
+        return SendOutcome([], started=[turn_id]), fut
+
+    async def cancel(self, requester: str, flt: CancelFilter | None, seen: int | None = None, *,
+                     may_cancel_others: bool = False) -> tuple[CancelResult, asyncio.Future[None]]:
+        received = time.perf_counter()
+        flt = (flt or CancelFilter(own=True)).normalized()
+        match = self.state.match_cancel(flt, requester, seen)
+        allowed = [t for t in match.matched if may_cancel_others or match.owners[t] == requester]
+        rejected = [t for t in match.matched if t not in allowed]
+        hook = self.runtime.agent.on_cancel if self.runtime.agent else None
+        if hook is not None and allowed:
+            verdict = hook(CancelRequest(self.session_id, requester, flt, list(allowed),
+                                         {t: match.owners[t] for t in allowed}, seen))
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+                # the hook awaited: the turns may have ended meanwhile
+                allowed = [t for t in allowed if self.state.is_active(t) and self.state.active[t].cancel is None]
+            if not verdict:
+                rejected += allowed
+                allowed = []
+        queued = [t for t in match.queued if may_cancel_others or match.owners[t] == requester]
+        revisable = [t for t in match.revisable if may_cancel_others or match.owners[t] == requester]
+        pending = match.pending if (hook is None or allowed or not match.matched) else []
+        for t in allowed:
+            self._abort(t, "cancelled")
+        if allowed:
+            self.metrics.abort_latency.observe(time.perf_counter() - received)
+        request_id = new_id("cancel")
+        result = CancelResult(request_id=request_id, cancelled=allowed + queued + revisable,
+                              rejected=rejected, pending=pending, client_id=self.runtime.agent_id)
+        events: list[AnyEvent] = [CancelEvent(request_id=request_id, filter=flt, seen=seen, client_id=requester),
+                                  result]
+        for t in revisable:
+            events.append(TurnRevised(turn_id=t, reason="cancelled",
+                                      message=self.state.persisted_message(t, "cancelled", seen),
+                                      client_id=self.runtime.agent_id))
+        for t in queued:
+            msg_id = next((q.message_id for q in self.state.queue if q.turn_id == t), None)
+            if msg_id is not None:
+                events.append(Rejected(message_id=msg_id, code="cancelled", client_id=self.runtime.agent_id))
+        if pending and may_cancel_others:
+            self._privileged_pending.update(pending)
+        outcome = "cancelled" if result.cancelled else "rejected" if rejected else "pending" if pending else "noop"
+        self.metrics.cancels.labels(outcome).inc()
+        fut = self.emit(events)
+        if queued:
+            self._start_next_queued()
+        return result, fut
+
+    # ------------------------------------------------------------ turns
+
+    def _abort(self, turn_id: str, reason: str) -> None:
+        turn = self.turns.get(turn_id)
+        if turn is None:
+            return
+        if turn.abort_signal.abort(reason):
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.runtime.config.abort_grace_s, self._force_end, turn_id)
+
+    def _force_end(self, turn_id: str) -> None:
+        task = self._tasks.get(turn_id)
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _launch(self, turn_id: str, wait_for: list[asyncio.Event]) -> None:
+        ts = self.state.turns[turn_id]
+        self.metrics.turns_started.inc()
+        self.metrics.active_turns.inc()
+        self._publish_presence()
+        input_msg = self.state.messages[ts.input_id]
+        turn = Turn(self, turn_id=turn_id, owner=ts.owner, input=input_msg, message_id=ts.message_id,
+                    history=[])
+        self.turns[turn_id] = turn
+        pending = self.state.pending_cancels.get(turn_id)
+        if pending is not None:
+            self._apply_pending_cancel(turn, pending)
+        self._tasks[turn_id] = asyncio.ensure_future(self._run(turn, wait_for))
+
+    def _apply_pending_cancel(self, turn: Turn, pending: Any) -> None:
+        privileged = pending.request_id in self._privileged_pending or turn.turn_id in self._privileged_pending
+        if pending.requester != turn.owner and not privileged:
+            return
+        self._privileged_pending.discard(turn.turn_id)
+        self._abort(turn.turn_id, "cancelled")
+        self.emit([CancelResult(request_id=pending.request_id, cancelled=[turn.turn_id],
+                                client_id=self.runtime.agent_id)])
+
+    async def _run(self, turn: Turn, wait_for: list[asyncio.Event]) -> None:
+        agent = self.runtime.agent
+        try:
+            if wait_for:
+                # cancel-then-send: the new turn's model input includes what
+                # the interrupted turn persisted, so it waits for that turn-end.
+                await asyncio.wait([asyncio.ensure_future(e.wait()) for e in wait_for],
+                                   timeout=self.runtime.config.abort_grace_s)
+            turn.history = self.state.branch(turn.input.id)
+            if agent is None:
+                await self.end_turn(turn, "error", CommandError("no_agent", "no agent is configured"))
+                return
+            if not turn.aborted:
+                await agent.run(turn)
+            await self.end_turn(turn, "cancelled" if turn.aborted else "complete")
+        except asyncio.CancelledError:
+            await self.end_turn(turn, "cancelled" if turn.aborted else "error",
+                                None if turn.aborted else "the turn was stopped by the server")
+        except Exception as exc:
+            log.warning("turn %s of session %s failed: %r", turn.turn_id, self.session_id, exc)
+            await self.end_turn(turn, "error", exc)
+        finally:
+            self._tasks.pop(turn.turn_id, None)
+
+    async def end_turn(self, turn: Turn, reason: str, error: BaseException | str | None = None) -> None:
+        if turn.reason is not None or not self.state.is_active(turn.turn_id):
+            return
+        if turn.aborted and reason == "complete":
+            reason = "cancelled"  # the abort won the race; the handler finished anyway
+        agent = self.runtime.agent
+        if reason == "cancelled" and agent is not None and agent.on_abort is not None:
+            hook = agent.on_abort
+
+            async def write(chunk: Any) -> None:
+                turn._write(chunk, final=True)
+
+            try:
+                await asyncio.wait_for(hook(write), self.runtime.config.abort_grace_s)
+            except Exception:
+                log.exception("on_abort of turn %s failed", turn.turn_id)
+            if turn.reason is not None or not self.state.is_active(turn.turn_id):
+                return
+            turn._close_auto_text(True)
+        turn.reason = reason
+        events: list[AnyEvent] = []
+        info = None
+        agent_id = self.runtime.agent_id
+        if reason == "complete":
+            if turn._text_id is not None:
+                events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "text-end", "id": turn._text_id},
+                                         client_id=agent_id))
+            if not turn._finished_chunk:
+                events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "finish"}, client_id=agent_id))
+        elif reason == "cancelled":
+            events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "abort"}, final=True, client_id=agent_id))
+        else:
+            info = _error_info(error)
+            events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "error", "errorText": info.message},
+                                     final=True, client_id=agent_id))
+        self.emit(events)
+        message = self.state.persisted_message(turn.turn_id, reason)
+        fut = self.emit([TurnEnd(turn_id=turn.turn_id, reason=reason, message=message, error=info,  # type: ignore[arg-type]
+                                 client_id=agent_id)])
+        self.metrics.turns_ended.labels(reason).inc()
+        self.metrics.active_turns.dec()
+        self.turns.pop(turn.turn_id, None)
+        turn.ended.set()
+        self._publish_presence()
+        self._start_next_queued()
+        await fut
+
+    def _start_next_queued(self) -> None:
+        state = self.state
+        if state.active or not state.queue:
+            return
+        nxt = state.queue[0]
+        self.emit([TurnStart(turn_id=nxt.turn_id, owner=nxt.owner, input_id=nxt.message_id,
+                             message_id=_reply_for(nxt.turn_id), client_id=self.runtime.agent_id)])
+        self._launch(nxt.turn_id, [])
+
+    def recover(self) -> None:
+        """After a restart: turns the log shows running have lost their runner."""
+        for turn_id in list(self.state.active):
+            ts = self.state.active[turn_id]
+            turn = Turn(self, turn_id=turn_id, owner=ts.owner, input=self.state.messages[ts.input_id],
+                        message_id=ts.message_id, history=[])
+            self.turns[turn_id] = turn
+            self.metrics.active_turns.inc()
+            asyncio.ensure_future(self.end_turn(
+                turn, "error", CommandError(ErrorCode.WORKER_LOST, "the server restarted while this turn ran")))
+        self._start_next_queued()
+
+    async def shutdown(self) -> None:
+        for turn_id in list(self.turns):
+            self._abort(turn_id, "shutdown")
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.runtime.config.abort_grace_s)
+        while self._flushing or self._outbox:
+            await asyncio.sleep(0.001)
+
+
+def _reply_for(turn_id: str) -> str:
+    # The reply's id is derived from the turn's, so a queued input can name
+    # the reply it will follow before that reply's turn starts.
+    return "reply-" + turn_id.removeprefix("turn-")
+
+
+def _error_info(error: BaseException | str | None) -> ErrorInfo:
+    if isinstance(error, CommandError):
+        return ErrorInfo(code=error.code, message=error.message)
+    if isinstance(error, BaseException):
+        return ErrorInfo(code=ErrorCode.AGENT_ERROR, message=f"{type(error).__name__}: {error}")
+    return ErrorInfo(code=ErrorCode.AGENT_ERROR, message=error or "the agent failed")
+
+
+class Runtime:
+    """Hubs for every session a process serves, over one store."""
+
+    def __init__(self, store: EventLog, agent: Agent | None = None, config: RuntimeConfig | None = None,
+                 metrics: Metrics | None = None, agent_id: str = "agent"):
+        self.store = store
+        self.agent = agent
+        self.config = config or RuntimeConfig()
+        self.metrics = metrics or Metrics()
+        self.agent_id = agent_id
+        self._hubs: dict[str, SessionHub] = {}
+        self._loading: dict[str, asyncio.Future[SessionHub]] = {}
+
+    async def hub(self, session_id: str) -> SessionHub:
+        hub = self._hubs.get(session_id)
+        if hub is not None:
+            return hub
+        loading = self._loading.get(session_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        fut: asyncio.Future[SessionHub] = asyncio.get_running_loop().create_future()
+        self._loading[session_id] = fut
+        try:
+            state = Session(session_id, tool_cancel_text=self.config.tool_cancel_text)
+            after = 0
+            while True:
+                page = await self.store.read(session_id, after, 5000)
+                if not page:
+                    break
+                for rec in page:
+                    state.apply(rec.event())
+                after = page[-1].seq
+            hub = SessionHub(self, session_id, state)
+            self._hubs[session_id] = hub
+            hub.recover()
+            fut.set_result(hub)
+            return hub
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
+            raise
+        finally:
+            self._loading.pop(session_id, None)
+
+    def loaded(self, session_id: str) -> SessionHub | None:
+        return self._hubs.get(session_id)
+
+    async def exists(self, session_id: str) -> bool:
+        hub = self._hubs.get(session_id)
+        if hub is not None:
+            return hub.state.last_seq > 0
+        return await self.store.exists(session_id)
+
+    def _retire(self, hub: SessionHub) -> None:
+        if self._hubs.get(hub.session_id) is hub:
+            del self._hubs[hub.session_id]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(h.shutdown() for h in list(self._hubs.values())), return_exceptions=True)
+
+    async def read(self, session_id: str, after: int = 0, limit: int | None = None) -> list[Record]:
+        return await self.store.read(session_id, after, limit)

@@ -1,0 +1,516 @@
+"""The ASGI app: WebSocket and HTTP faces of the runtime, with auth and metrics.
+
+This layer translates frames and requests into runtime commands and answers
+each with an ``ack`` or an ``error`` carrying a stable code. It decides nothing
+about sessions itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..agent.runtime import CommandError, Runtime
+from ..protocol import (
+    PONG, Cancel, CancelFilter, ErrorCode, FrameError, MessageIn, Ping, Played, Policy,
+    Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, encode, error_frame,
+    event_frame, events_frame, is_valid_id,
+)
+from .auth import AuthError, Principal, mint, verify
+
+log = logging.getLogger("turnline.server")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+HTTP_STATUS = {
+    ErrorCode.BAD_JSON: 400, ErrorCode.BAD_FRAME: 400, ErrorCode.BAD_ID: 400, ErrorCode.UNKNOWN_OP: 400,
+    ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409, ErrorCode.BUSY: 409, ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429, ErrorCode.INTERNAL: 500,
+}
+
+
+@dataclass
+class ServerConfig:
+    secret: str
+    dev: bool = False
+    max_frame_bytes: int = 256 * 1024
+    # A connection whose unsent frames pile up past this is closed; the client
+    # reconnects and resumes from its cursor instead of the server buffering.
+    max_pending_frames: int = 20_000
+    dev_token_ttl_s: int = 900
+    sse_keepalive_s: float = 15.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    messages: list[MessageIn]
+    policy: Policy | None = None
+    parent_id: str | None = None
+    steer: str | None = None
+
+
+class CancelBody(msgspec.Struct, omit_defaults=True):
+    filter: CancelFilter | None = None
+    seen: int | None = None
+
+
+def _principal(secret: str, auth_header: str | None, query_token: str | None) -> Principal:
+    token = None
+    if auth_header and auth_header.lower().startswith("bearer "):
+        token = auth_header[7:].strip()
+    token = token or query_token
+    if not token:
+        raise CommandError(ErrorCode.UNAUTHORIZED, "no token: send 'Authorization: Bearer TOKEN' or ?token=")
+    try:
+        return verify(secret, token)
+    except AuthError as exc:
+        raise CommandError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+
+
+def _require(principal: Principal, session: str, action: str) -> None:
+    if not principal.can(session, action):
+        raise CommandError(ErrorCode.FORBIDDEN, f"token of {principal.client_id!r} may not {action} on {session!r}")
+
+
+def _cancel_rights(principal: Principal, session: str, flt: CancelFilter) -> bool:
+    """Checks the capability for the filter's scope; returns whether the
+    requester may cancel turns owned by others."""
+    _require(principal, session, "cancel")
+    others = principal.can(session, "cancel-any")
+    broad = flt.all or (flt.client_id is not None and flt.client_id != principal.client_id)
+    if broad and not others:
+        raise CommandError(ErrorCode.FORBIDDEN, "cancelling other clients' turns needs the cancel-any capability")
+    return others
+
+
+def _normalized_filter(flt: CancelFilter | None) -> CancelFilter:
+    try:
+        return (flt or CancelFilter(own=True)).normalized()
+    except ValueError as exc:
+        raise CommandError(ErrorCode.BAD_FRAME, str(exc)) from None
+
+
+class Connection:
+    """One WebSocket: a reader dispatching frames and one writer draining frames."""
+
+    def __init__(self, app: TurnlineApp, ws: WebSocket, principal: Principal, cancel_on_disconnect: bool):
+        self.app = app
+        self.ws = ws
+        self.principal = principal
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.subs: dict[str, asyncio.Task[None]] = {}
+        self.touched: set[str] = set()
+        self.closed = False
+
+    def push(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        if self.out.qsize() >= self.app.config.max_pending_frames:
+            self.closed = True
+            self.out.put_nowait(None)
+            return
+        self.out.put_nowait(frame)
+
+    async def writer(self) -> None:
+        ws = self.ws
+        while True:
+            frame = await self.out.get()
+            if frame is None:
+                with contextlib.suppress(Exception):
+                    await ws.close(code=1013, reason="too far behind; resume from your last seq")
+                return
+            await ws.send_text(frame.decode())
+
+    async def follow(self, session: str, after: int) -> None:
+        store = self.app.runtime.store
+        try:
+            async for batch in store.follow(session, after):
+                if len(batch) == 1:
+                    self.push(event_frame(session, batch[0].data))
+                else:
+                    for i in range(0, len(batch), 256):
+                        self.push(events_frame(session, [r.data for r in batch[i:i + 256]]))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("follow of %s failed", session)
+            self.push(error_frame(None, ErrorCode.INTERNAL, f"subscription to {session} failed; resubscribe",
+                                  session=session))
+            self.subs.pop(session, None)
+
+    async def handle(self, raw: str | bytes) -> None:
+        """Decide on one frame. Frames are decided in arrival order; only the
+        wait until the decision is durable (then the ack) runs in the background."""
+        frame_id = None
+        try:
+            frame = decode_frame(raw, self.app.config.max_frame_bytes)
+            frame_id = frame.id
+            durable, reply = await self.dispatch(frame)
+        except FrameError as exc:
+            self.error(exc.frame_id, exc.code, exc.message)
+            return
+        except CommandError as exc:
+            self.error(frame_id, exc.code, exc.message)
+            return
+        except Exception as exc:  # a bug must not take the connection down
+            log.exception("frame failed")
+            self.error(frame_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            return
+        if durable is None:
+            self.push(reply)
+        else:
+            asyncio.ensure_future(self._ack_when_durable(durable, frame_id, reply))
+
+    async def _ack_when_durable(self, durable: asyncio.Future[None], frame_id: Any, reply: bytes) -> None:
+        try:
+            await durable
+        except CommandError as exc:
+            self.error(frame_id, exc.code, exc.message)
+            return
+        self.push(reply)
+
+    def error(self, frame_id: Any, code: str, message: str) -> None:
+        self.app.runtime.metrics.frame_errors.labels(code).inc()
+        self.push(error_frame(frame_id, code, message))
+
+    async def dispatch(self, frame: Any) -> tuple[asyncio.Future[None] | None, bytes]:
+        app = self.app
+        runtime = app.runtime
+        who = self.principal
+        if isinstance(frame, Ping):
+            return None, PONG
+        if isinstance(frame, Subscribe):
+            _require(who, frame.session, "subscribe")
+            old = self.subs.pop(frame.session, None)
+            if old is not None:
+                old.cancel()
+            hub = await runtime.hub(frame.session)  # loads the session, recovering orphaned turns
+            after = frame.after if frame.after is not None else hub.state.last_seq
+            self.subs[frame.session] = asyncio.ensure_future(self.follow(frame.session, after))
+            return None, ack_frame(frame.id, session=frame.session, after=after, last_seq=hub.state.last_seq)
+        if isinstance(frame, Unsubscribe):
+            task = self.subs.pop(frame.session, None)
+            if task is None:
+                raise CommandError(ErrorCode.NOT_FOUND, f"not subscribed to {frame.session}")
+            task.cancel()
+            return None, ack_frame(frame.id, session=frame.session)
+        if isinstance(frame, Send):
+            _require(who, frame.session, "publish")
+            hub = await runtime.hub(frame.session)
+            outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
+                                              parent_id=frame.parent_id, steer=frame.steer)
+            self.touched.add(frame.session)
+            return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
+        if isinstance(frame, Cancel):
+            flt = _normalized_filter(frame.filter)
+            others = _cancel_rights(who, frame.session, flt)
+            hub = await app.existing_hub(frame.session)
+            result, durable = await hub.cancel(who.client_id, flt, frame.seen, may_cancel_others=others)
+            return durable, ack_frame(frame.id, session=frame.session, request_id=result.request_id,
+                                      cancelled=result.cancelled, rejected=result.rejected, pending=result.pending)
+        if isinstance(frame, Regenerate):
+            _require(who, frame.session, "publish")
+            hub = await app.existing_hub(frame.session)
+            outcome, durable = await hub.regenerate(who.client_id, frame.message_id)
+            self.touched.add(frame.session)
+            return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
+        if isinstance(frame, Played):
+            _require(who, frame.session, "publish")
+            hub = await app.existing_hub(frame.session)
+            if frame.turn_id not in hub.state.turns:
+                raise CommandError(ErrorCode.NOT_FOUND, f"no turn {frame.turn_id}")
+            raise CommandError(ErrorCode.CONFLICT, "this session has no voice pipeline")
+        raise CommandError(ErrorCode.UNKNOWN_OP, "unknown op")
+
+    async def on_close(self) -> None:
+        for task in self.subs.values():
+            task.cancel()
+        self.subs.clear()
+        if self.cancel_on_disconnect:
+            for session in self.touched:
+                hub = self.app.runtime.loaded(session)
+                if hub is not None and who_can_cancel(self.principal, session):
+                    with contextlib.suppress(Exception):
+                        await hub.cancel(self.principal.client_id, CancelFilter(own=True))
+
+
+def who_can_cancel(principal: Principal, session: str) -> bool:
+    return principal.can(session, "cancel")
+
+
+class TurnlineApp:
+    def __init__(self, runtime: Runtime, config: ServerConfig):
+        self.runtime = runtime
+        self.config = config
+        routes = [
+            WebSocketRoute("/v1/ws", self.ws_endpoint),
+            Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
+            Route("/v1/sessions/{session}/messages", self.get_messages, methods=["GET"]),
+            Route("/v1/sessions/{session}/cancel", self.post_cancel, methods=["POST"]),
+            Route("/v1/sessions/{session}/events", self.get_events, methods=["GET"]),
+            Route("/v1/sessions/{session}/tree", self.get_tree, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+        if config.dev:
+            routes.append(Route("/v1/dev/token", self.dev_token, methods=["POST", "GET"]))
+        if (WEB_DIR / "index.html").exists():
+            routes.append(Route("/", self.index, methods=["GET"]))
+            routes.append(Route("/{name:path}", self.static, methods=["GET"]))
+        self.starlette = Starlette(routes=routes, lifespan=self.lifespan)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.starlette(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        await self.runtime.store.open()
+        try:
+            yield
+        finally:
+            await self.runtime.close()
+            await self.runtime.store.close()
+
+    async def existing_hub(self, session: str):  # type: ignore[no-untyped-def]
+        if not await self.runtime.exists(session):
+            raise CommandError(ErrorCode.NOT_FOUND, f"no session {session}")
+        return await self.runtime.hub(session)
+
+    # ------------------------------------------------------------ WebSocket
+
+    async def ws_endpoint(self, ws: WebSocket) -> None:
+        await ws.accept()
+        try:
+            principal = _principal(self.config.secret, ws.headers.get("authorization"),
+                                   ws.query_params.get("token"))
+        except CommandError as exc:
+            await ws.send_text(error_frame(None, exc.code, exc.message).decode())
+            await ws.close(code=4401, reason=exc.code)
+            return
+        conn = Connection(self, ws, principal, ws.query_params.get("cancel_on_disconnect") in ("1", "true"))
+        metrics = self.runtime.metrics
+        metrics.connections.inc()
+        writer = asyncio.ensure_future(conn.writer())
+        try:
+            while not writer.done():
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                data = msg.get("text")
+                if data is None:
+                    conn.error(None, ErrorCode.BAD_FRAME, "binary frames carry voice audio, which this server "
+                               "does not run; send JSON text frames")
+                    continue
+                await conn.handle(data)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.connections.dec()
+            conn.closed = True
+            writer.cancel()
+            await conn.on_close()
+
+    # ------------------------------------------------------------ HTTP
+
+    def _http_principal(self, request: Request) -> Principal:
+        return _principal(self.config.secret, request.headers.get("authorization"), request.query_params.get("token"))
+
+    async def _body(self, request: Request, kind: type) -> Any:
+        raw = await request.body()
+        if len(raw) > self.config.max_frame_bytes:
+            raise CommandError(ErrorCode.TOO_LARGE, f"body is {len(raw)} bytes; the limit is {self.config.max_frame_bytes}")
+        try:
+            msgspec.json.decode(raw or b"{}")
+        except msgspec.DecodeError as exc:
+            raise CommandError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
+        try:
+            return msgspec.json.decode(raw or b"{}", type=kind)
+        except msgspec.ValidationError as exc:
+            code = ErrorCode.BAD_ID if "matching regex" in str(exc) else ErrorCode.BAD_FRAME
+            raise CommandError(code, str(exc)) from None
+
+    @staticmethod
+    def _session(request: Request) -> str:
+        session = request.path_params["session"]
+        if not is_valid_id(session):
+            raise CommandError(ErrorCode.BAD_ID, f"invalid session id {session!r}")
+        return session
+
+    async def _guard(self, request: Request, handler: Any) -> Response:
+        try:
+            return await handler()
+        except CommandError as exc:
+            self.runtime.metrics.frame_errors.labels(exc.code).inc()
+            return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                                status_code=HTTP_STATUS.get(exc.code, 400))
+
+    async def post_messages(self, request: Request) -> Response:
+        async def run() -> Response:
+            who = self._http_principal(request)
+            session = self._session(request)
+            _require(who, session, "publish")
+            body = await self._body(request, HttpBody)
+            for m in body.messages:
+                if m.id is not None and not is_valid_id(m.id):
+                    raise CommandError(ErrorCode.BAD_ID, f"invalid message id {m.id!r}")
+            if not body.messages:
+                raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
+            hub = await self.runtime.hub(session)
+            outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
+                                              parent_id=body.parent_id, steer=body.steer)
+            await durable
+            return JSONResponse(outcome.as_dict())
+        return await self._guard(request, run)
+
+    async def post_cancel(self, request: Request) -> Response:
+        async def run() -> Response:
+            who = self._http_principal(request)
+            session = self._session(request)
+            body = await self._body(request, CancelBody)
+            flt = _normalized_filter(body.filter)
+            others = _cancel_rights(who, session, flt)
+            hub = await self.existing_hub(session)
+            result, durable = await hub.cancel(who.client_id, flt, body.seen, may_cancel_others=others)
+            await durable
+            return Response(encode(result), media_type="application/json")
+        return await self._guard(request, run)
+
+    async def get_events(self, request: Request) -> Response:
+        async def run() -> Response:
+            who = self._http_principal(request)
+            session = self._session(request)
+            _require(who, session, "subscribe")
+            cursor = request.headers.get("last-event-id") or request.query_params.get("after")
+            hub = await self.runtime.hub(session)
+            if cursor is None:
+                after = hub.state.last_seq
+            else:
+                try:
+                    after = int(cursor)
+                    if after < 0:
+                        raise ValueError
+                except ValueError:
+                    raise CommandError(ErrorCode.BAD_FRAME, f"after must be a seq (an integer ≥ 0), got {cursor!r}") from None
+            return StreamingResponse(self._sse(session, after), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return await self._guard(request, run)
+
+    async def _sse(self, session: str, after: int) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for batch in self.runtime.store.follow(session, after):
+                queue.put_nowait(batch)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            yield b": turnline events\n\n"
+            while True:
+                try:
+                    batch = await asyncio.wait_for(queue.get(), self.config.sse_keepalive_s)
+                except asyncio.TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                yield b"".join(b"id: %d\nevent: %s\ndata: %s\n\n" % (r.seq, b"turnline", r.data) for r in batch)
+        finally:
+            task.cancel()
+
+    async def get_messages(self, request: Request) -> Response:
+        async def run() -> Response:
+            who = self._http_principal(request)
+            session = self._session(request)
+            _require(who, session, "subscribe")
+            hub = await self.existing_hub(session)
+            q = request.query_params
+            leaf, before = q.get("leaf"), q.get("before")
+            for name, value in (("leaf", leaf), ("before", before)):
+                if value is not None and not is_valid_id(value):
+                    raise CommandError(ErrorCode.BAD_ID, f"invalid {name} id {value!r}")
+            try:
+                limit = min(max(int(q.get("limit", "50")), 1), 500)
+            except ValueError:
+                raise CommandError(ErrorCode.BAD_FRAME, "limit must be an integer") from None
+            state = hub.state
+            if leaf is not None and leaf not in state.messages:
+                raise CommandError(ErrorCode.NOT_FOUND, f"no message {leaf}")
+            branch = state.branch(leaf)
+            if q.get("include_hidden") not in ("1", "true"):
+                branch = [m for m in branch if m.id not in state.hidden]
+            end = len(branch)
+            if before is not None:
+                ids = [m.id for m in branch]
+                if before not in ids:
+                    raise CommandError(ErrorCode.NOT_FOUND, f"message {before} is not on this branch")
+                end = ids.index(before)
+            page = branch[max(0, end - limit):end]
+            payload: dict[str, Any] = {"messages": page, "has_more": end - len(page) > 0}
+            if payload["has_more"]:
+                payload["before"] = page[0].id
+            return Response(encode(payload), media_type="application/json")
+        return await self._guard(request, run)
+
+    async def get_tree(self, request: Request) -> Response:
+        async def run() -> Response:
+            who = self._http_principal(request)
+            session = self._session(request)
+            _require(who, session, "subscribe")
+            hub = await self.existing_hub(session)
+            state = hub.state
+            nodes = []
+            for m in state.messages.values():
+                node: dict[str, Any] = {"id": m.id, "parent_id": m.parent_id, "role": m.role}
+                turn_id = state.turn_of_message.get(m.id)
+                if turn_id is not None:
+                    node["turn_id"] = turn_id
+                    node["reason"] = state.turns[turn_id].reason
+                if m.id in state.hidden:
+                    node["hidden"] = True
+                nodes.append(node)
+            active = [{"turn_id": t.turn_id, "owner": t.owner, "input_id": t.input_id, "message_id": t.message_id}
+                      for t in state.active.values()]
+            return Response(encode({"head": state.head, "nodes": nodes, "active": active}),
+                            media_type="application/json")
+        return await self._guard(request, run)
+
+    async def healthz(self, _request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def metrics(self, _request: Request) -> Response:
+        return Response(generate_latest(self.runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def dev_token(self, request: Request) -> Response:
+        # Dev mode only (loopback): a short-lived token for the demo page.
+        name = request.query_params.get("sub") or "demo-user"
+        if not is_valid_id(name):
+            return JSONResponse({"error": {"code": ErrorCode.BAD_ID, "message": "invalid sub"}}, status_code=400)
+        token = mint(self.config.secret, name, {"*": ["subscribe", "publish", "cancel"]}, self.config.dev_token_ttl_s)
+        return JSONResponse({"token": token, "sub": name, "ttl_s": self.config.dev_token_ttl_s})
+
+    async def index(self, _request: Request) -> Response:
+        return FileResponse(WEB_DIR / "index.html")
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        path = (WEB_DIR / name).resolve()
+        if WEB_DIR not in path.parents or not path.is_file():
+            return JSONResponse({"error": {"code": ErrorCode.NOT_FOUND, "message": "not found"}}, status_code=404)
+        return FileResponse(path)
+
+
+def create_app(runtime: Runtime, config: ServerConfig) -> TurnlineApp:
+    return TurnlineApp(runtime, config)
+
