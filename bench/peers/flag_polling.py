@@ -278,8 +278,7 @@ async def _one_trial(
     finally:
         if read_task is not None and not read_task.done():
             read_task.cancel()
-            with contextlib.suppress(BaseException):
-                await read_task
+            await asyncio.wait({read_task})  # (doesn't swallow our own cancellation)
         await reader.aclose()
         await resp.aclose()
 

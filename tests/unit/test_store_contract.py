@@ -446,66 +446,75 @@ async def test_sqlite_group_commit_respects_batch_max(sqlite_path: str) -> None:
         await log.close()
 
 
-async def test_sqlite_failed_commit_fails_the_appends_and_leaves_no_gap(sqlite_path: str) -> None:
-    log = SQLiteEventLog(sqlite_path)
+# A real commit failure, no mocks: a trigger aborts any insert of an event
+# whose text contains "boom".
+FAIL_TRIGGER = (
+    "CREATE TRIGGER IF NOT EXISTS boom BEFORE INSERT ON events"
+    " WHEN instr(CAST(NEW.data AS TEXT), 'boom') > 0"
+    " BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+)
+
+
+@pytest.mark.parametrize("batch_max", [1, 512])
+async def test_sqlite_failed_commit_fails_the_appends_and_leaves_no_gap(sqlite_path: str, batch_max: int) -> None:
+    # batch_max=1: the failing append commits alone and the others are still
+    # queued behind it; 512: they all share the failing transaction.
+    log = SQLiteEventLog(sqlite_path, batch_max=batch_max)
     await log.open()
-    intruder = sqlite3.connect(sqlite_path, isolation_level=None)
+    other = sqlite3.connect(sqlite_path, isolation_level=None)
     try:
         assert seqs(await log.append("s", [ev("1"), ev("2")])) == [1, 2]
-        assert seqs(await log.append("other", [ev("o1")])) == [1]
-        # Another connection takes the write lock and writes seq 3 behind the
-        # store's back. The store's writer waits for the lock (busy timeout),
-        # so every append below is queued before it gets to commit.
-        intruder.execute("BEGIN IMMEDIATE")
-        intruder.execute("INSERT INTO events VALUES ('s', 3, ?)", (b'{"intruder":true}',))
+        assert seqs(await log.append("o", [ev("o1")])) == [1]
+        # Another connection holds the write lock (and installs the trigger)
+        # while the appends below are made: the store's writer waits for the
+        # lock, so all of them are queued before the failing one commits.
+        other.execute("BEGIN IMMEDIATE")
+        other.execute(FAIL_TRIGGER)
         tasks = [
-            asyncio.create_task(log.append("s", [ev("3")])),
-            asyncio.create_task(log.append("other", [ev("o2")])),
+            asyncio.create_task(log.append("s", [ev("boom")])),  # seq 3: fails
+            asyncio.create_task(log.append("o", [ev("o2")])),
             asyncio.create_task(log.append("s", [ev("4"), ev("5")])),
             asyncio.create_task(log.append("s", [ev("6")])),
         ]
-        await asyncio.sleep(0)  # all four have their seqs and are queued
-        intruder.execute("COMMIT")
+        await asyncio.sleep(0)  # each has taken its seqs and is queued
+        other.execute("COMMIT")
         async with asyncio.timeout(WAIT):
             results = await asyncio.gather(*tasks, return_exceptions=True)
-        # The append that hit the primary key fails, and so does every later
-        # append of "s": committing them would leave a hole at 3.
-        s_results = [results[0], results[2], results[3]]
-        assert all(isinstance(r, StoreError) for r in s_results), results
-        # The next-seq of "s" was reloaded from the database: it continues
-        # after the intruder's row, gapless, reusing the failed seqs.
-        assert seqs(await log.append("s", [ev("after")])) == [4]
-        assert seqs(await log.read("s")) == [1, 2, 3, 4]
-        # "other" either shared the failed transaction (and failed) or not;
-        # either way its log stays gapless.
+        # The failing append gets a StoreError, and so does every later
+        # append of "s": committing seqs 4..6 would leave a hole at 3.
+        for r in (results[0], results[2], results[3]):
+            assert isinstance(r, StoreError), results
+        # The next-seq of "s" was reloaded from the database: the failed
+        # seqs are reused, the log stays gapless.
+        assert seqs(await log.append("s", [ev("3")])) == [3]
+        assert [(r.seq, tag_of(r)) for r in await log.read("s")] == [(1, "1"), (2, "2"), (3, "3")]
+        # "o" either shared the failed transaction (and failed too) or not;
+        # either way its log stays gapless and numbering goes on.
         o2 = results[1]
         assert isinstance(o2, StoreError) or seqs(o2) == [2]
-        nxt = await log.append("other", [ev("o3")])
-        assert seqs(await log.read("other")) == list(range(1, nxt[0].seq + 1))
+        nxt = await log.append("o", [ev("o3")])
+        assert seqs(await log.read("o")) == list(range(1, nxt[0].seq + 1))
     finally:
-        intruder.close()
+        other.close()
         await log.close()
 
 
 async def test_sqlite_failed_commit_never_reaches_followers(sqlite_path: str) -> None:
     log = SQLiteEventLog(sqlite_path)
     await log.open()
+    conn = sqlite3.connect(sqlite_path, isolation_level=None)
+    conn.execute(FAIL_TRIGGER)
+    conn.close()
     follower = log.follow("s", after=0)
     try:
         await log.append("s", [ev("1")])
         assert seqs(await collect(follower, 1)) == [1]
-        intruder = sqlite3.connect(sqlite_path, isolation_level=None)
-        intruder.execute("INSERT INTO events VALUES ('s', 2, ?)", (b'{"intruder":true}',))
-        intruder.close()
         with pytest.raises(StoreError):
-            await log.append("s", [ev("lost")])
-        good = await log.append("s", [ev("3")])
-        assert seqs(good) == [3]
-        got = await collect(follower, 3)
-        # seq 2 is whatever the log holds (the intruder's row, read from the
-        # log by the follower's catch-up), never the failed append's event.
-        assert seqs(got) == [2, 3]
-        assert got[0].data == b'{"intruder":true}'
+            await log.append("s", [ev("boom")])
+        assert seqs(await log.append("s", [ev("2")])) == [2]
+        got = await collect(follower, 2)
+        assert [(r.seq, tag_of(r)) for r in got] == [(2, "2")]
+        assert await log.last_seq("s") == 2
     finally:
         await follower.aclose()
         await log.close()

@@ -405,8 +405,10 @@ class SessionHub:
             async def write(chunk: Any) -> None:
                 turn._write(chunk, final=True)
 
+            takes_turn = len(inspect.signature(hook).parameters) >= 2
             try:
-                await asyncio.wait_for(hook(write), self.runtime.config.abort_grace_s)
+                await asyncio.wait_for(hook(write, turn) if takes_turn else hook(write),
+                                       self.runtime.config.abort_grace_s)
             except Exception:
                 log.exception("on_abort of turn %s failed", turn.turn_id)
             if turn.reason is not None or not self.state.is_active(turn.turn_id):

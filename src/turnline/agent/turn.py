@@ -34,7 +34,7 @@ class CancelRequest:
 
 
 OnCancel = Callable[[CancelRequest], Union[bool, Awaitable[bool]]]
-OnAbort = Callable[[Writer], Awaitable[None]]
+OnAbort = Callable[..., Awaitable[None]]  # (write) or (write, turn)
 
 
 class Handler(Protocol):
@@ -80,7 +80,10 @@ class Turn:
         await self.hub.backpressure()
 
     def _write(self, chunk: ChunkLike, *, final: bool) -> None:
-        if self.reason is not None:
+        # After the abort fired only on_abort writes (final) are kept: the
+        # agent's own flow has been told to stop, so what it still produces is
+        # late. After turn-end nothing is kept.
+        if self.reason is not None or (self.abort_signal.aborted and not final):
             self.hub.count_late_chunk()
             return
         if not self._started:
@@ -279,9 +282,10 @@ class Agent:
       stopped at its next ``yield`` after a cancel.
 
     ``on_cancel(request) -> bool`` authorises cancels (sync or async; ``False``
-    rejects, and the requester is told). ``on_abort(write)`` runs after the
-    abort fired and before ``turn-end``; what it writes is kept in the
-    persisted message.
+    rejects, and the requester is told). ``on_abort(write)`` (or
+    ``on_abort(write, turn)``) runs after the abort fired and before
+    ``turn-end``; what it writes is kept in the persisted message. Anything
+    else the agent writes after the abort fired is dropped and counted.
     """
 
     respond: Handler

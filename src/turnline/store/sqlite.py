@@ -261,13 +261,12 @@ class SQLiteEventLog(EventLog):
                         item = queue.popleft()
                         size += len(item.records)
                         batch.append(item)
+                self._post(self._deliver, batch)
                 try:
                     self._commit(conn, batch)
                 except Exception as exc:
                     failed = self._discard_after_failure(batch)
                     self._post(self._deliver_failure, failed, f"commit failed: {exc}", exc)
-                else:
-                    self._post(self._deliver, batch)
         except BaseException as exc:  # a bug, or the interpreter going down
             with cond:
                 self._broken = exc

@@ -1,0 +1,30 @@
+# Two commands: `make serve` and `make test`. Everything else is set up on demand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: serve test bench soak clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/turnline serve --host 127.0.0.1 --port 8787 --store sqlite:///turnline.db
+
+test: $(STAMP)
+	scripts/ensure-system-deps test
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+soak: $(STAMP)
+	scripts/ensure-system-deps test
+	$(BIN)/python -m pytest -q -m soak
+
+clean:
+	rm -rf $(VENV) .turnline .pytest_cache .hypothesis bench/results

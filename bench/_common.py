@@ -1,0 +1,96 @@
+"""Helpers shared by turnline's benchmarks: a real `turnline serve` subprocess,
+percentiles, and the table every benchmark prints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+@contextlib.contextmanager
+def turnline_server(agent: str, *, env: dict[str, str] | None = None, store: str | None = None,
+                    extra: list[str] | None = None) -> Iterator[int]:
+    """Run `turnline serve` (SQLite store in a temp dir unless told) and yield its port."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "turnline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--store", store or f"sqlite:///{tmp}/bench.db", "--agent", agent, "--secret", SECRET,
+               "--no-dev", "--log-level", "warning", *(extra or [])]
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"turnline serve exited: {proc.stderr.read().decode()[-2000:]}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("turnline serve did not start")
+                time.sleep(0.05)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def token(sub: str = "bench", caps: dict[str, list[str]] | None = None) -> str:
+    from turnline.server.auth import mint
+
+    return mint(SECRET, sub, caps or {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 3600)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(c)), *(len(_fmt(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("| " + " | ".join(str(c).ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(_fmt(v).ljust(w) for v, w in zip(r, widths)) + " |")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if v == v else "—"
+    return str(v)
+
+
+def save(name: str, data: Any) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
