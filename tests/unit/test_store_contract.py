@@ -127,6 +127,28 @@ async def test_concurrent_appends_get_seqs_in_call_order(store: EventLog) -> Non
         assert [tag_of(r) for r in log] == [e.chunk["delta"] for s, events in calls if s == session for e in events]
 
 
+async def test_concurrent_appends_complete_and_publish_in_call_order(store: EventLog) -> None:
+    # Not needed for correctness of follow() (it repairs any disorder from the
+    # log), but followers stay on the cheap live path only if the feed gets
+    # commits in seq order, and callers see acknowledgements in call order.
+    listener = store.feed.subscribe("s")
+    try:
+        done: list[int] = []
+        tasks = []
+        for i in range(200):
+            t = asyncio.create_task(store.append("s" if i % 3 else "t", [ev(str(i)) for _ in range(1 + i % 2)]))
+            t.add_done_callback(lambda _, i=i: done.append(i))
+            tasks.append(t)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0)  # let the last done-callbacks run
+        assert done == list(range(200))
+        assert not listener.overflowed
+        assert seqs(list(listener.pending)) == list(range(1, len(listener.pending) + 1))
+        assert listener.pending[-1].seq == await store.last_seq("s")
+    finally:
+        store.feed.unsubscribe("s", listener)
+
+
 async def test_ts_is_set_when_zero_and_kept_otherwise(store: EventLog) -> None:
     fresh, given = ev("fresh"), ev("given")
     given.ts = 1234
@@ -417,17 +439,41 @@ async def test_sqlite_close_flushes_pending_appends(sqlite_path: str) -> None:
     assert [r[0] for r in rows] == list(range(1, 201))
 
 
-async def test_sqlite_an_acknowledged_append_is_committed(sqlite_path: str) -> None:
-    """When append returns, another connection already sees the rows."""
+async def test_sqlite_only_committed_records_are_acknowledged_or_followed(sqlite_path: str) -> None:
+    """When append returns, and when a follower receives a record, another
+    connection already sees it in the file."""
     log = SQLiteEventLog(sqlite_path, synchronous="FULL")
     await log.open()
-    other = sqlite3.connect(sqlite_path)
+    other = sqlite3.connect(sqlite_path, isolation_level=None)
+
+    def stored(seq: int) -> bytes | None:
+        row = other.execute("SELECT data FROM events WHERE session = 's' AND seq = ?", (seq,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    follower = log.follow("s", after=None)
+    first = asyncio.create_task(anext(follower))
     try:
+        await wait_for(lambda: log.feed.follower_count("s") == 1)
         for i in range(1, 21):
             [rec] = await log.append("s", [ev(str(i))])
-            row = other.execute("SELECT data FROM events WHERE session = 's' AND seq = ?", (rec.seq,)).fetchone()
-            assert row is not None and bytes(row[0]) == rec.data
+            assert stored(rec.seq) == rec.data
+        # Many appends in flight at once: every batch a follower gets is in the file.
+        pending = [asyncio.create_task(log.append("s", [ev(str(i))])) for i in range(21, 121)]
+        got = []
+        async with asyncio.timeout(WAIT):
+            batch = await first
+            while True:
+                for r in batch:
+                    assert stored(r.seq) == r.data
+                got.extend(batch)
+                if got[-1].seq == 120:
+                    break
+                batch = await anext(follower)
+        assert seqs(got) == list(range(1, 121))
+        await asyncio.gather(*pending)
     finally:
+        first.cancel()
+        await follower.aclose()
         other.close()
         await log.close()
 

@@ -78,10 +78,13 @@ class MessageFold:
         part["state"] = "done"
 
     def _finish_step(self, _c: dict[str, Any]) -> None:
-        for table in (self._text, self._reasoning):
-            for part in table.values():
+        # Every streaming part, not only those the tables point at: a second
+        # ``*-start`` with an open id leaves the first part out of its table.
+        for part in self.parts:
+            if part.get("state") == "streaming":
                 part["state"] = "done"
-            table.clear()
+        self._text.clear()
+        self._reasoning.clear()
 
     def _tool_part(self, c: dict[str, Any]) -> dict[str, Any] | None:
         call_id = c.get("toolCallId")
@@ -132,8 +135,12 @@ class MessageFold:
             part["input"] = c.get("input")
             part["errorText"] = str(c.get("errorText", ""))
 
+    def _called_tool(self, c: dict[str, Any]) -> dict[str, Any] | None:
+        call_id = c.get("toolCallId")
+        return self._tools.get(call_id) if isinstance(call_id, str) else None  # may be unhashable
+
     def _tool_output(self, c: dict[str, Any]) -> None:
-        part = self._tools.get(c.get("toolCallId"))  # type: ignore[arg-type]
+        part = self._called_tool(c)
         if part is None:
             self.ignored += 1
             return
@@ -145,7 +152,7 @@ class MessageFold:
             part.pop("preliminary", None)
 
     def _tool_output_error(self, c: dict[str, Any]) -> None:
-        part = self._tools.get(c.get("toolCallId"))  # type: ignore[arg-type]
+        part = self._called_tool(c)
         if part is None:
             self.ignored += 1
             return
@@ -223,40 +230,75 @@ def fold(chunks: list[dict[str, Any]], message_id: str | None = None) -> Message
 
 def parse_partial_json(text: str) -> Any:
     """Best-effort parse of a JSON prefix (a streaming tool input), like the AI
-    SDK's ``parsePartialJson``: close open strings, arrays and objects."""
+    SDK's ``parsePartialJson``: close the open string, arrays and objects, and
+    drop what cannot be closed (a dangling key, a cut literal, a cut escape).
+    Never raises; for a prefix of a JSON document the result is ``None`` or a
+    value the document's value extends."""
     try:
         return json.loads(text)
     except ValueError:
         pass
-    stack: list[str] = []
-    in_string = escaped = False
-    for ch in text:
+    stack: list[str] = []  # the closers of the open containers
+    cuts: list[tuple[int, str]] = []  # text[:end] + closers is valid when the prefix is
+    in_string = False
+    safe = 0  # in an open string: where its last whole character ends
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
         if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
+            if ch == "\\":
+                step = _escape_length(text, i)
+                if step == 0:  # cut inside an escape
+                    break
+                i += step
+            else:
+                in_string = ch != '"'
+                i += 1
+            safe = i
+            continue
+        if ch == '"':
             in_string = True
+            safe = i + 1
         elif ch in "{[":
             stack.append("}" if ch == "{" else "]")
-        elif ch in "}]" and stack:
-            stack.pop()
-    repaired = text + ('"' if in_string else "")
-    for candidate in (repaired, repaired.rstrip().rstrip(",:")):
+            cuts.append((i + 1, "".join(reversed(stack))))
+        elif ch in "}]":
+            if stack:
+                stack.pop()
+            cuts.append((i + 1, "".join(reversed(stack))))
+        elif ch == ",":
+            cuts.append((i, "".join(reversed(stack))))
+        i += 1
+    closers = "".join(reversed(stack))
+    if in_string:
+        candidates = [text[:safe] + '"' + closers]
+    else:
+        body = text.rstrip()
+        candidates = [body + closers, body.rstrip(",:") + closers, body.rstrip("+-.eE") + closers]
+    # A prefix of a valid document always closes at its last cut; garbage may
+    # not close anywhere, so only the last few cuts are tried.
+    candidates += [text[:end] + closing for end, closing in reversed(cuts[-4:])]
+    for candidate in candidates:
         try:
-            return json.loads(candidate + "".join(reversed(stack)))
+            return json.loads(candidate)
         except ValueError:
             continue
-    # A dangling key with no value: drop it.
-    trimmed = repaired.rstrip()
-    cut = max(trimmed.rfind(","), trimmed.rfind("{"))
-    if cut >= 0:
-        head = trimmed[: cut + 1] if trimmed[cut] == "{" else trimmed[:cut]
-        try:
-            return json.loads(head + "".join(reversed(stack)))
-        except ValueError:
-            pass
     return None
+
+
+def _escape_length(text: str, i: int) -> int:
+    """Length of the escape at ``text[i] == "\\"``, or 0 if the text ends inside it.
+    A high surrogate is whole only with its low half: alone it cannot be stored."""
+    if i + 1 >= len(text):
+        return 0
+    if text[i + 1] != "u":
+        return 2
+    digits = text[i + 2:i + 6]
+    if len(digits) < 4:
+        return 0
+    if digits[0] in "dD" and digits[1] in "89abAB":
+        low = text[i + 6:i + 8]
+        if low in ("", "\\") or (low == "\\u" and len(text) < i + 12):
+            return 0
+        return 12 if low == "\\u" else 6
+    return 6

@@ -12,11 +12,12 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -24,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
 from ..protocol import (
-    PONG, Cancel, CancelFilter, ErrorCode, FrameError, MessageIn, Ping, Played, Policy,
+    PONG, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, encode, error_frame,
     event_frame, events_frame, is_valid_id,
 )
@@ -56,15 +57,16 @@ class ServerConfig:
 
 
 class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
-    messages: list[MessageIn]
+    # The same shape and limits as the WebSocket ``send`` frame.
+    messages: Annotated[list[MessageIn], msgspec.Meta(max_length=64)]
     policy: Policy | None = None
-    parent_id: str | None = None
-    steer: str | None = None
+    parent_id: Id | None = None
+    steer: Id | None = None
 
 
 class CancelBody(msgspec.Struct, omit_defaults=True):
     filter: CancelFilter | None = None
-    seen: int | None = None
+    seen: Seq | None = None
 
 
 def _principal(secret: str, auth_header: str | None, query_token: str | None) -> Principal:
@@ -156,11 +158,18 @@ class Connection:
         """Decide on one frame. Frames are decided in arrival order; only the
         wait until the decision is durable (then the ack) runs in the background."""
         frame_id = None
+        # The size limit is on bytes, as the client counts them: a text frame
+        # of 2,000 three-byte characters is 6,000 bytes, not 2,000.
+        data = raw.encode() if isinstance(raw, str) else raw
         try:
-            frame = decode_frame(raw, self.app.config.max_frame_bytes)
+            frame = decode_frame(data, self.app.config.max_frame_bytes)
             frame_id = frame.id
             durable, reply = await self.dispatch(frame)
         except FrameError as exc:
+            if exc.code == ErrorCode.TOO_LARGE and exc.frame_id is None:
+                # Still answer the frame by its id, or a client awaiting that
+                # reply waits forever. Skipping to ``id`` costs one fast scan.
+                exc.frame_id = _frame_id_of(data)
             self.error(exc.frame_id, exc.code, exc.message)
             return
         except CommandError as exc:
@@ -248,6 +257,20 @@ class Connection:
                         await hub.cancel(self.principal.client_id, CancelFilter(own=True))
 
 
+class _FrameId(msgspec.Struct):
+    id: str | int | None = None
+
+
+_frame_id_decoder = msgspec.json.Decoder(_FrameId)
+
+
+def _frame_id_of(data: bytes) -> str | int | None:
+    try:
+        return _frame_id_decoder.decode(data).id
+    except msgspec.DecodeError:
+        return None
+
+
 def who_can_cancel(principal: Principal, session: str) -> bool:
     return principal.can(session, "cancel")
 
@@ -271,7 +294,19 @@ class TurnlineApp:
         if (WEB_DIR / "index.html").exists():
             routes.append(Route("/", self.index, methods=["GET"]))
             routes.append(Route("/{name:path}", self.static, methods=["GET"]))
-        self.starlette = Starlette(routes=routes, lifespan=self.lifespan)
+        self.starlette = Starlette(routes=routes, lifespan=self.lifespan,
+                                   exception_handlers={HTTPException: self._http_error})
+
+    @staticmethod
+    async def _http_error(_request: Request, exc: Exception) -> Response:
+        # Unknown routes and methods answer in the same shape as every other error.
+        status = getattr(exc, "status_code", 500)
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_FRAME, 413: ErrorCode.TOO_LARGE,
+                401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN}.get(
+            status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_FRAME)
+        detail = getattr(exc, "detail", None) or "error"
+        return JSONResponse({"error": {"code": code, "message": str(detail)}}, status_code=status,
+                            headers=getattr(exc, "headers", None))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.starlette(scope, receive, send)
@@ -321,7 +356,12 @@ class TurnlineApp:
         finally:
             metrics.connections.dec()
             conn.closed = True
-            writer.cancel()
+            if writer.done():
+                if not writer.cancelled() and writer.exception() is not None:
+                    # the peer went away mid-send; retrieved so it is not logged as lost
+                    log.debug("writer ended: %r", writer.exception())
+            else:
+                writer.cancel()
             await conn.on_close()
 
     # ------------------------------------------------------------ HTTP
@@ -386,7 +426,12 @@ class TurnlineApp:
             hub = await self.existing_hub(session)
             result, durable = await hub.cancel(who.client_id, flt, body.seen, may_cancel_others=others)
             await durable
-            return Response(encode(result), media_type="application/json")
+            # The cancel-result event, every field present (the log's encoding
+            # omits empty lists; an HTTP caller should not have to know that).
+            payload = msgspec.to_builtins(result)
+            for name in ("cancelled", "rejected", "pending"):
+                payload.setdefault(name, [])
+            return JSONResponse(payload)
         return await self._guard(request, run)
 
     async def get_events(self, request: Request) -> Response:

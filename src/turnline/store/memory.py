@@ -15,6 +15,8 @@ class MemoryEventLog(EventLog):
         self._logs: dict[str, list[Record]] = {}
 
     async def append(self, session: str, events: Sequence[AnyEvent]) -> list[Record]:
+        if not events:
+            return []
         log = self._logs.setdefault(session, [])
         records = stamp(events, len(log) + 1)
         log.extend(records)

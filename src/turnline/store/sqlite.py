@@ -172,7 +172,8 @@ class SQLiteEventLog(EventLog):
                     )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             conn.close()
@@ -184,7 +185,7 @@ class SQLiteEventLog(EventLog):
 
     async def open(self) -> None:
         if self._loop is not None:
-            raise StoreError("SQLiteEventLog is already open")
+            raise StoreError("SQLiteEventLog.open() was already called (a closed log is not reopened: make a new one)")
         loop = asyncio.get_running_loop()
         self._wconn = await asyncio.to_thread(self._setup)
         try:
@@ -247,6 +248,7 @@ class SQLiteEventLog(EventLog):
         queue = self._queue
         cond = self._cond
         batch_max = self.batch_max
+        batch: list[_Append] = []  # taken from the queue, not yet handed back
         try:
             while True:
                 with cond:
@@ -261,16 +263,18 @@ class SQLiteEventLog(EventLog):
                         item = queue.popleft()
                         size += len(item.records)
                         batch.append(item)
-                self._post(self._deliver, batch)
                 try:
                     self._commit(conn, batch)
                 except Exception as exc:
                     failed = self._discard_after_failure(batch)
                     self._post(self._deliver_failure, failed, f"commit failed: {exc}", exc)
+                else:
+                    self._post(self._deliver, batch)
+                batch = []
         except BaseException as exc:  # a bug, or the interpreter going down
             with cond:
                 self._broken = exc
-                failed = list(queue)
+                failed = batch + list(queue)
                 queue.clear()
             self._post(self._deliver_failure, failed, f"writer stopped: {exc!r}", exc)
         finally:
@@ -322,7 +326,13 @@ class SQLiteEventLog(EventLog):
     def _deliver(self, batch: list[_Append]) -> None:
         publish = self.feed.publish
         for a in batch:
-            publish(a.session, a.records)
+            try:
+                publish(a.session, a.records)
+            except Exception as exc:  # never leave the appends behind it waiting
+                assert self._loop is not None
+                self._loop.call_exception_handler(
+                    {"message": "SQLiteEventLog: publishing to the live feed failed", "exception": exc}
+                )
             if not a.future.done():
                 a.future.set_result(a.records)
 
