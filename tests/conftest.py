@@ -21,7 +21,7 @@ from turnline.server.app import ServerConfig, create_app
 from turnline.server.auth import mint
 from turnline.store import open_store
 
-SECRET = "test-secret-not-for-production"
+SECRET = "test-secret-not-for-production-" + "0123456789abcdef" * 3
 ALL_CAPS = {"*": ["subscribe", "publish", "cancel"]}
 
 

@@ -4,7 +4,9 @@ and the server.
 ``cut()`` drops every live connection in both directions at once (the sockets
 are aborted, not closed gracefully: nothing buffered is flushed), so each side
 sees its peer vanish mid-stream. ``mute_downstream`` silently discards
-server→client bytes (an answer lost in flight). The proxy keeps accepting, so
+server→client bytes (an answer lost in flight; cut afterwards, the stream is
+broken). ``hold_downstream`` buffers server→client bytes until
+``release_downstream()`` (a slow network: the server is ahead of the screen). The proxy keeps accepting, so
 clients can reconnect through it. It runs on the loop of the test that starts it.
 """
 
@@ -18,6 +20,7 @@ class _Pair:
     def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter):
         self.client = client
         self.server = server
+        self.held: list[bytes] = []
         self.tasks: list[asyncio.Task[None]] = []
 
     def abort(self) -> None:
@@ -36,6 +39,7 @@ class TcpProxy:
         self.cuts = 0
         self.mute_downstream = False
         self.muted_bytes = 0
+        self.hold_downstream = False
         self._pairs: set[_Pair] = set()
         self._server: asyncio.base_events.Server | None = None
 
@@ -74,6 +78,17 @@ class TcpProxy:
         self.cuts += 1
         return len(pairs)
 
+    def release_downstream(self) -> int:
+        """Deliver what ``hold_downstream`` kept, in order, and stop holding."""
+        self.hold_downstream = False
+        total = 0
+        for p in self._pairs:
+            data, p.held = b"".join(p.held), []
+            total += len(data)
+            if data:
+                p.client.write(data)
+        return total
+
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             server_r, server_w = await asyncio.open_connection(self.target_host, self.target_port)
@@ -97,6 +112,9 @@ class TcpProxy:
                     break
                 if downstream and self.mute_downstream:
                     self.muted_bytes += len(data)
+                    continue
+                if downstream and self.hold_downstream:
+                    pair.held.append(data)
                     continue
                 writer.write(data)
                 await writer.drain()

@@ -567,6 +567,45 @@ async def test_cancel_on_disconnect_opt_in(srv: Any, gate: Gate, how: str) -> No
     await observer.close()
 
 
+async def test_cancel_on_disconnect_covers_a_followed_session(srv: Any, gate: Gate) -> None:
+    """A client that reconnects with the opt-in only to watch its running turn
+    (it sent on an earlier socket) still has that turn cancelled when it leaves."""
+    observer = await connected(srv, "bob")
+    await observer.subscribe(S)
+    first = await connected(srv, "alice")
+    (turn_id,) = (await first.say(S, "hold"))["turn_ids"]
+    await observer.wait_event(S, "chunk", turn_id=turn_id)
+    await first.abort()
+    await wait_connections(srv, 1)
+    assert srv.call(_is_active(srv, S, turn_id))  # the plain drop cancelled nothing
+    again = await connected(srv, "alice", query="cancel_on_disconnect=1")
+    await again.subscribe(S, after=0)
+    await again.wait_event(S, "chunk", turn_id=turn_id)
+    await again.abort()
+    end = await observer.turn_end(S, turn_id)
+    assert end["reason"] == "cancelled", end
+    gate.open(srv)
+    await assert_usable(observer, srv)
+    await observer.close()
+
+
 async def _is_active(srv: Any, session: str, turn_id: str) -> bool:
     hub = await srv.runtime.hub(session)
     return hub.state.is_active(turn_id)
+
+
+# ---------------------------------------------------------------- pending cancel
+
+
+async def test_cancel_naming_a_turn_not_started_yet_is_pending(srv: Any) -> None:
+    """Invariant 4 over the wire: a cancel naming a turn the log has not seen is
+    acknowledged as ``pending``, and the session stays consistent after it
+    (this once broke the hub: core's cancel-result handler raised mid-emit)."""
+    ws = await connected(srv)
+    await ws.subscribe(S)
+    await ws.completes(S)
+    ack = await ws.request({"op": "cancel", "id": "pc1", "session": S, "filter": {"turn_id": "turn-future"}})
+    assert ack["op"] == "ack" and ack["id"] == "pc1", ack
+    assert ack["pending"] == ["turn-future"] and ack["cancelled"] == [] and ack["rejected"] == [], ack
+    await assert_usable(ws, srv)
+    await ws.close()

@@ -87,6 +87,7 @@ class SessionHub:
         self._drained: asyncio.Future[None] | None = None
         self._presence = state.presence.state if state.presence else "idle"
         self._privileged_pending: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.broken: BaseException | None = None
 
     @property
@@ -289,22 +290,36 @@ class SessionHub:
         received = time.perf_counter()
         flt = (flt or CancelFilter(own=True)).normalized()
         match = self.state.match_cancel(flt, requester, seen)
-        allowed = [t for t in match.matched if may_cancel_others or match.owners[t] == requester]
-        rejected = [t for t in match.matched if t not in allowed]
+
+        def owned(t: str) -> bool:
+            return may_cancel_others or match.owners[t] == requester
+
+        # Everything this cancel would stop goes through the hook: running
+        # turns, turns that won the race against it (revised) and queued ones,
+        # so a rejected stop changes nothing whichever came first.
+        asked = [t for t in match.matched + match.revisable + match.queued if owned(t)]
+        approved = True
         hook = self.runtime.agent.on_cancel if self.runtime.agent else None
-        if hook is not None and allowed:
-            verdict = hook(CancelRequest(self.session_id, requester, flt, list(allowed),
-                                         {t: match.owners[t] for t in allowed}, seen))
+        if hook is not None and asked:
+            verdict = hook(CancelRequest(self.session_id, requester, flt, list(asked),
+                                         {t: match.owners[t] for t in asked}, seen))
             if inspect.isawaitable(verdict):
                 verdict = await verdict
-                # the hook awaited: the turns may have ended meanwhile
-                allowed = [t for t in allowed if self.state.is_active(t) and self.state.active[t].cancel is None]
-            if not verdict:
-                rejected += allowed
-                allowed = []
-        queued = [t for t in match.queued if may_cancel_others or match.owners[t] == requester]
-        revisable = [t for t in match.revisable if may_cancel_others or match.owners[t] == requester]
-        pending = match.pending if (hook is None or allowed or not match.matched) else []
+                # The log moved on while the hook decided: a turn may have
+                # ended (the stop now races its end: a revision), been
+                # cancelled by someone else, or left the queue. Match again,
+                # keeping only the turns the hook was asked about.
+                match = self.state.match_cancel(flt, requester, seen)
+                match.matched = [t for t in match.matched if t in asked or not owned(t)]
+                match.revisable = [t for t in match.revisable if t in asked]
+                match.queued = [t for t in match.queued if t in asked]
+            approved = bool(verdict)
+        allowed = [t for t in match.matched if owned(t)] if approved else []
+        revisable = [t for t in match.revisable if owned(t)] if approved else []
+        queued = [t for t in match.queued if owned(t)] if approved else []
+        rejected = [t for t in match.matched + match.revisable + match.queued
+                    if t not in allowed and t not in revisable and t not in queued]
+        pending = match.pending if approved else []
         for t in allowed:
             self._abort(t, "cancelled")
         if allowed:
@@ -339,12 +354,22 @@ class SessionHub:
             return
         if turn.abort_signal.abort(reason):
             loop = asyncio.get_running_loop()
-            loop.call_later(self.runtime.config.abort_grace_s, self._force_end, turn_id)
+            loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
 
-    def _force_end(self, turn_id: str) -> None:
-        task = self._tasks.get(turn_id)
+    def _schedule_force_end(self, turn: Turn) -> None:
+        if turn.reason is None:
+            task = asyncio.ensure_future(self._force_end(turn))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _force_end(self, turn: Turn) -> None:
+        """The grace ran out: stop the handler's task (its unwinding ends the
+        turn), and end the turn here if the handler swallowed that too."""
+        task = self._tasks.get(turn.turn_id)
         if task is not None and not task.done():
             task.cancel()
+            await asyncio.wait([task], timeout=self.runtime.config.abort_grace_s)
+        await self.end_turn(turn, "cancelled")
 
     def _launch(self, turn_id: str, wait_for: list[asyncio.Event]) -> None:
         ts = self.state.turns[turn_id]
@@ -388,8 +413,12 @@ class SessionHub:
             await self.end_turn(turn, "cancelled" if turn.aborted else "error",
                                 None if turn.aborted else "the turn was stopped by the server")
         except Exception as exc:
-            log.warning("turn %s of session %s failed: %r", turn.turn_id, self.session_id, exc)
-            await self.end_turn(turn, "error", exc)
+            if turn.aborted:  # e.g. raise_if_aborted(), or the upstream failing as it is closed
+                log.debug("turn %s of session %s stopped on %r after its abort", turn.turn_id, self.session_id, exc)
+                await self.end_turn(turn, "cancelled")
+            else:
+                log.warning("turn %s of session %s failed: %r", turn.turn_id, self.session_id, exc)
+                await self.end_turn(turn, "error", exc)
         finally:
             self._tasks.pop(turn.turn_id, None)
 
@@ -399,8 +428,13 @@ class SessionHub:
         if turn.aborted and reason == "complete":
             reason = "cancelled"  # the abort won the race; the handler finished anyway
         agent = self.runtime.agent
-        if reason == "cancelled" and agent is not None and agent.on_abort is not None:
+        if (reason == "cancelled" and agent is not None and agent.on_abort is not None
+                and not turn._abort_hook_ran):
+            turn._abort_hook_ran = True  # once, whoever ends the turn
             hook = agent.on_abort
+            # What on_abort writes is its own: a string starts a new text part
+            # rather than continuing one the requester may not have seen.
+            turn._close_auto_text(True)
 
             async def write(chunk: Any) -> None:
                 turn._write(chunk, final=True)
@@ -409,11 +443,22 @@ class SessionHub:
             try:
                 await asyncio.wait_for(hook(write, turn) if takes_turn else hook(write),
                                        self.runtime.config.abort_grace_s)
+            except asyncio.CancelledError:
+                # the turn's task is being stopped (its grace ran out): end the
+                # turn with what the hook wrote, then let the cancellation go on
+                if turn.reason is None and self.state.is_active(turn.turn_id):
+                    self._close_turn(turn, reason, error)
+                raise
             except Exception:
                 log.exception("on_abort of turn %s failed", turn.turn_id)
             if turn.reason is not None or not self.state.is_active(turn.turn_id):
                 return
             turn._close_auto_text(True)
+        await self._close_turn(turn, reason, error)
+
+    def _close_turn(self, turn: Turn, reason: str, error: BaseException | str | None) -> asyncio.Future[None]:
+        """Append the turn's last chunks and its turn-end (synchronously); the
+        future resolves when they are durable."""
         turn.reason = reason
         events: list[AnyEvent] = []
         info = None
@@ -440,7 +485,7 @@ class SessionHub:
         turn.ended.set()
         self._publish_presence()
         self._start_next_queued()
-        await fut
+        return fut
 
     def _start_next_queued(self) -> None:
         state = self.state

@@ -65,6 +65,7 @@ class Turn:
         self._text_seq = 0
         self._started = False
         self._finished_chunk = False
+        self._abort_hook_ran = False
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self.upstream_after_abort = 0  # items the upstream produced after the abort
 
@@ -227,10 +228,12 @@ class Turn:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and not isinstance(exc, asyncio.CancelledError):
-            await self.end("error", exc)
-        elif self.aborted:
+        if self.aborted:  # whatever the block raised on its way out (Aborted, a closed stream)
             await self.end("cancelled")
+        elif isinstance(exc, asyncio.CancelledError):  # stopped without an abort: not complete
+            await self.end("error", "the turn was stopped by the server")
+        elif exc is not None:
+            await self.end("error", exc)
         else:
             await self.end("complete")
         return False

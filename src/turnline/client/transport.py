@@ -268,7 +268,7 @@ class ClientTransport:
             if first and view.last_seq == 0:
                 after = self._after
             else:
-                after = view.last_seq
+                after = 0
             ack = await self._internal_request(ws, {"op": "subscribe", "session": self.session, "after": after},
                                                reader)
             server_after = int(ack.get("after") or 0)
@@ -493,7 +493,8 @@ class ClientTransport:
     async def _flush_requests(self, ws: ClientConnection, gen: int, reader: asyncio.Task[None]) -> None:
         """(Re)send every request not yet written to this connection, in order."""
         while True:
-            todo = sorted((r for r in self._requests.values() if r.sent_gen != gen), key=lambda r: r.id)
+            todo = sorted((r for r in self._requests.values() if r.sent_gen != gen and not r.future.done()),
+                          key=lambda r: r.id)
             if not todo:
                 return
             for req in todo:

@@ -270,7 +270,8 @@ class View:
             for tid in confirmed:
                 if tid not in self._freezes:
                     turn = self.core.turns.get(tid)
-                    if turn is None or turn.active:
+                    if turn is None or turn.active or (turn.reason == "complete" and not turn.revised):
+                        # (an ended one is being revised: hold until the ``turn-revised``)
                         self._freezes[tid] = Freeze(seen, request, acked=True, confirmed=True)
 
     def cancel_failed(self, request: Any) -> None:

@@ -40,6 +40,7 @@ class TurnState:
     input_id: str
     message_id: str
     start_seq: int
+    input_seq: int = 0  # seq of the input message (a stop racing the end needs the client to have seen it)
     chunks: list[ChunkEvent] = field(default_factory=list)
     fold: MessageFold | None = None
     cancel: CancelMark | None = None
@@ -101,6 +102,7 @@ class Session:
         self.session_id = session_id
         self.last_seq = 0
         self.messages: dict[str, Message] = {}
+        self.message_seq: dict[str, int] = {}
         self.children: dict[str | None, list[str]] = {}
         self.turns: dict[str, TurnState] = {}
         self.active: dict[str, TurnState] = {}
@@ -140,11 +142,13 @@ class Session:
         if ev.message.id in self.messages:
             raise InvariantError(f"message {ev.message.id} appended twice")
         self._add_message(ev.message)
+        self.message_seq[ev.message.id] = ev.seq
 
     def _on_turn_start(self, ev: TurnStart) -> None:
         if ev.turn_id in self.turns:
             raise InvariantError(f"turn {ev.turn_id} started twice")
-        turn = TurnState(ev.turn_id, ev.owner, ev.input_id, ev.message_id, ev.seq)
+        turn = TurnState(ev.turn_id, ev.owner, ev.input_id, ev.message_id, ev.seq,
+                         self.message_seq.get(ev.input_id, ev.seq))
         self.turns[ev.turn_id] = turn
         self.active[ev.turn_id] = turn
         self.turn_of_message[ev.message_id] = ev.turn_id
@@ -203,7 +207,7 @@ class Session:
                 self.head = self.messages[self.head].parent_id if self.head in self.messages else None
         for turn_id in ev.pending:
             if turn_id not in self.turns and request is not None:
-                self.pending_cancels[turn_id] = PendingCancel(ev.request_id, request.client_id, seen, ev.ts)
+                self.pending_cancels[turn_id] = PendingCancel(ev.request_id, request.client_id, request.seen, ev.ts)
                 while len(self.pending_cancels) > PENDING_CANCEL_LIMIT:
                     self.pending_cancels.pop(next(iter(self.pending_cancels)))
 
@@ -293,9 +297,13 @@ class Session:
             pending.append(flt.turn_id)
         revisable: list[str] = []
         if seen is not None:
+            # The stop raced the end: the requester had seen the turn's input
+            # but not its end. Had the stop arrived first, the turn would have
+            # been cancelled with this ``seen`` (even one whose start it had
+            # not seen yet: nothing would be saved), so it is revised to that.
             for t in self.turns.values():
                 if (t.end_seq is not None and t.reason == "complete" and not t.revised
-                        and t.start_seq <= seen < t.end_seq
+                        and t.input_seq <= seen < t.end_seq
                         and filter_matches(flt, requester, t.turn_id, t.owner)
                         and any(c.seq > seen and not c.final for c in t.chunks)):
                     revisable.append(t.turn_id)

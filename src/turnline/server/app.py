@@ -210,6 +210,10 @@ class Connection:
             hub = await runtime.hub(frame.session)  # loads the session, recovering orphaned turns
             after = frame.after if frame.after is not None else hub.state.last_seq
             self.subs[frame.session] = asyncio.ensure_future(self.follow(frame.session, after))
+            # A client that opted in to cancel-on-disconnect and follows a
+            # session (e.g. after reconnecting to watch its running turn) has
+            # its own turns there cancelled when this socket closes.
+            self.touched.add(frame.session)
             return None, ack_frame(frame.id, session=frame.session, after=after, last_seq=hub.state.last_seq)
         if isinstance(frame, Unsubscribe):
             task = self.subs.pop(frame.session, None)
@@ -253,8 +257,18 @@ class Connection:
             for session in self.touched:
                 hub = self.app.runtime.loaded(session)
                 if hub is not None and who_can_cancel(self.principal, session):
-                    with contextlib.suppress(Exception):
-                        await hub.cancel(self.principal.client_id, CancelFilter(own=True))
+                    try:
+                        _result, durable = await hub.cancel(self.principal.client_id, CancelFilter(own=True))
+                    except Exception:
+                        log.exception("cancel-on-disconnect in %s failed", session)
+                        continue
+                    # Nobody awaits it; retrieve a store failure so it is not reported as lost.
+                    durable.add_done_callback(_consume)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("cancel-on-disconnect was not stored: %s", fut.exception())
 
 
 class _FrameId(msgspec.Struct):
@@ -369,10 +383,23 @@ class TurnlineApp:
     def _http_principal(self, request: Request) -> Principal:
         return _principal(self.config.secret, request.headers.get("authorization"), request.query_params.get("token"))
 
+    async def _read_limited(self, request: Request) -> bytes:
+        # Refuse an oversized body as it arrives instead of buffering all of it first.
+        limit = self.config.max_frame_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise CommandError(ErrorCode.TOO_LARGE, f"body is {declared} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise CommandError(ErrorCode.TOO_LARGE, f"body is over {limit} bytes, the limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _body(self, request: Request, kind: type) -> Any:
-        raw = await request.body()
-        if len(raw) > self.config.max_frame_bytes:
-            raise CommandError(ErrorCode.TOO_LARGE, f"body is {len(raw)} bytes; the limit is {self.config.max_frame_bytes}")
+        raw = await self._read_limited(request)
         try:
             msgspec.json.decode(raw or b"{}")
         except msgspec.DecodeError as exc:
@@ -455,11 +482,18 @@ class TurnlineApp:
         return await self._guard(request, run)
 
     async def _sse(self, session: str, after: int) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue()
+        # Bounded: a slow reader holds the follow back (which then catches up
+        # from the log) instead of piling batches up in memory here.
+        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=64)
 
         async def pump() -> None:
-            async for batch in self.runtime.store.follow(session, after):
-                queue.put_nowait(batch)
+            try:
+                async for batch in self.runtime.store.follow(session, after):
+                    await queue.put(batch)
+            except Exception:
+                log.exception("SSE follow of %s failed", session)
+                # End the stream: the client reconnects with Last-Event-ID and resumes.
+                await queue.put(None)
 
         task = asyncio.ensure_future(pump())
         try:
@@ -470,6 +504,8 @@ class TurnlineApp:
                 except asyncio.TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
+                if batch is None:
+                    return
                 yield b"".join(b"id: %d\nevent: %s\ndata: %s\n\n" % (r.seq, b"turnline", r.data) for r in batch)
         finally:
             task.cancel()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -34,9 +35,19 @@ class Principal:
         return False
 
 
+@lru_cache(maxsize=1024)
+def _pattern_re(pattern: str) -> re.Pattern[str]:
+    # Only '*' is a wildcard. fnmatch would also expand '?' and '[…]', so a
+    # token pattern like 'room-?*' or '[a-z]*' would grant more than it says.
+    return re.compile("^" + ".*".join(map(re.escape, pattern.split("*"))) + "$", re.DOTALL)
+
+
 def _matches(pattern: str, session: str) -> bool:
-    # Only '*' is a wildcard; '?' and '[' are literal in session ids anyway.
-    return pattern == "*" or (fnmatchcase(session, pattern) if "*" in pattern else pattern == session)
+    if pattern == "*":
+        return True
+    if "*" not in pattern:
+        return pattern == session
+    return _pattern_re(pattern).match(session) is not None
 
 
 def parse_caps(specs: Iterable[str]) -> dict[str, list[str]]:
@@ -47,9 +58,13 @@ def parse_caps(specs: Iterable[str]) -> dict[str, list[str]]:
         if not sep or not pattern:
             raise AuthError(f"capability {spec!r} is not PATTERN:ACTION[,ACTION…]")
         names = [a.strip() for a in actions.split(",") if a.strip()]
+        if not names:
+            raise AuthError(f"capability {spec!r} names no action; use PATTERN:ACTION[,ACTION…] "
+                            f"with actions among {', '.join(ACTIONS)}")
         unknown = [a for a in names if a not in ACTIONS]
-        if unknown or not names:
-            raise AuthError(f"unknown action(s) {unknown or actions!r}; use {', '.join(ACTIONS)}")
+        if unknown:
+            raise AuthError(f"unknown action(s) {', '.join(map(repr, unknown))} in {spec!r}; "
+                            f"use {', '.join(ACTIONS)}")
         caps.setdefault(pattern, []).extend(n for n in names if n not in caps.get(pattern, []))
     return caps
 
