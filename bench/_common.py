@@ -74,6 +74,15 @@ def token(sub: str = "bench", caps: dict[str, list[str]] | None = None) -> str:
     return mint(SECRET, sub, caps or {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 3600)
 
 
+def frame_events(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events a server frame carries (``event`` or batched ``events``)."""
+    if frame.get("op") == "event":
+        return [frame["event"]]
+    if frame.get("op") == "events":
+        return frame["events"]
+    return []
+
+
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     widths = [max(len(str(c)), *(len(_fmt(r[i])) for r in rows)) for i, c in enumerate(columns)]
     print(f"\n{title}")

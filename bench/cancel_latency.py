@@ -25,7 +25,7 @@ from typing import Any
 
 import websockets
 
-from bench._common import pct, print_table, save, token, turnline_server
+from bench._common import frame_events, pct, print_table, save, token, turnline_server
 
 
 async def _generator_log(path: str, turn_id: str) -> tuple[int | None, list[int]]:
@@ -56,7 +56,7 @@ async def _trial(ws: Any, session: str, frame_id: int, warm: int, closed_log: st
             for ev in pending:
                 deltas += ev["type"] == "chunk" and ev["turn_id"] == turn_id and ev["chunk"]["type"] == "text-delta"
             continue
-        for ev in _events(frame):
+        for ev in frame_events(frame):
             last_seq = max(last_seq, ev["seq"])
             if turn_id is None:
                 pending.append(ev)
@@ -73,7 +73,7 @@ async def _trial(ws: Any, session: str, frame_id: int, warm: int, closed_log: st
         if frame.get("op") == "ack" and frame.get("id") == cancel_id:
             acked = True
             continue
-        for ev in _events(frame):
+        for ev in frame_events(frame):
             if ev.get("turn_id") != turn_id:
                 continue
             if ev["type"] == "chunk":
@@ -94,14 +94,6 @@ async def _trial(ws: Any, session: str, frame_id: int, warm: int, closed_log: st
                     "upstream_after_cancel": produced_after,
                     "reason": ev["reason"],
                 }
-
-
-def _events(frame: dict[str, Any]) -> list[dict[str, Any]]:
-    if frame.get("op") == "event":
-        return [frame["event"]]
-    if frame.get("op") == "events":
-        return frame["events"]
-    return []
 
 
 async def measure_turnline(agent: str, trials: int, interval: float, warm: int = 3) -> dict[str, Any]:

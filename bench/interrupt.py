@@ -29,15 +29,7 @@ from typing import Any
 
 import websockets
 
-from bench._common import pct, print_table, save, token, turnline_server
-
-
-def _events(frame: dict[str, Any]) -> list[dict[str, Any]]:
-    if frame.get("op") == "event":
-        return [frame["event"]]
-    if frame.get("op") == "events":
-        return frame["events"]
-    return []
+from bench._common import frame_events, pct, print_table, save, token, turnline_server
 
 
 def _text(text: str) -> list[dict[str, Any]]:
@@ -63,7 +55,7 @@ class _Conn:
             self.acks[frame["id"]] = frame
         elif frame.get("op") == "error":
             raise RuntimeError(f"server error: {frame}")
-        for ev in _events(frame):
+        for ev in frame_events(frame):
             self.log.append((now, ev))
 
     async def ack(self, frame_id: int) -> dict[str, Any]:
