@@ -137,7 +137,7 @@ class CancelEvent(Event, tag="cancel"):
     seen: int | None = None
 
 
-class CancelResult(Event, tag="cancel-result"):
+class CancelResult(Event, tag="cancel-result", omit_defaults=False):
     request_id: Id
     cancelled: list[str] = []
     rejected: list[str] = []
@@ -157,12 +157,12 @@ class Rejected(Event, tag="rejected"):
     code: str
 
 
-class Presence(Event, tag="presence"):
+class Presence(Event, tag="presence", omit_defaults=False):
     state: PresenceState
     turns: list[str] = []
 
 
-class SpeechInterrupted(Event, tag="speech-interrupted"):
+class SpeechInterrupted(Event, tag="speech-interrupted", omit_defaults=False):
     turn_id: Id
     reason: str
     mode: Literal["speech", "response"]
@@ -322,7 +322,9 @@ def error_frame(frame_id: Any, code: str, message: str, **fields: Any) -> bytes:
     return _encoder.encode({"op": "error", "id": frame_id, "code": code, "message": message, **fields})
 
 
-PONG = b'{"op":"pong"}'
+def pong_frame(frame_id: Any) -> bytes:
+    """``{"op":"pong"}``, quoting the ping's ``id`` when it had one."""
+    return b'{"op":"pong"}' if frame_id is None else _encoder.encode({"op": "pong", "id": frame_id})
 
 
 def text_part(text: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ payload; a missing capability is an explicit error, never silence).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import subprocess

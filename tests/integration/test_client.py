@@ -495,16 +495,49 @@ async def test_a_regenerate_whose_ack_was_lost_is_not_applied_twice(serve, clien
 async def test_requests_made_while_disconnected_are_sent_after_the_reconnect(serve, clients) -> None:
     srv, agent = boot(serve, words=1)
     sid = new_session()
+    tokens: list[str] = []
+
+    async def fresh_token() -> str:  # a token source is asked once per connection
+        tokens.append(srv.token("alice"))
+        return tokens[-1]
+
     async with TcpProxy(srv.port) as proxy:
-        t = clients(srv, sid, url=proxy.ws_url(), initial_backoff=0.2)
-        await t.connect()
-        proxy.cut()
-        await t.wait_for(lambda v: t.state == "reconnecting", WAIT)
-        ack = await asyncio.wait_for(t.send("queued locally"), WAIT)
-        assert "resent" not in ack  # written once, on the new connection
-        (turn_id,) = ack["turn_ids"]
-        agent.release(1)
-        assert (await t.wait_turn_end(turn_id, WAIT)).reason == "complete"
+        t = ClientTransport(proxy.ws_url(), fresh_token, sid, initial_backoff=0.2)
+        try:
+            await t.connect()
+            assert t.client_id == "alice"
+            proxy.cut()
+            await t.wait_for(lambda v: t.state == "reconnecting", WAIT)
+            ack = await asyncio.wait_for(t.send("queued locally"), WAIT)
+            assert "resent" not in ack  # written once, on the new connection
+            (turn_id,) = ack["turn_ids"]
+            agent.release(1)
+            assert (await t.wait_turn_end(turn_id, WAIT)).reason == "complete"
+            assert len(tokens) == 2 and t.reconnects == 1
+            assert await t.ping() >= 0
+        finally:
+            await t.close()
+
+
+async def test_a_live_only_subscription_starts_at_the_log_end(serve, clients) -> None:
+    srv, agent = boot(serve, words=1)
+    sid = new_session()
+    alice = clients(srv, sid, "alice")
+    await alice.connect()
+    (t1,) = (await alice.send("before"))["turn_ids"]
+    agent.release(1)
+    await alice.wait_turn_end(t1, WAIT)
+    history = store_events(srv, sid)
+
+    late = clients(srv, sid, "bob", after=None)
+    await late.connect()
+    assert late.view.last_seq == history[-1].seq  # nothing replayed
+    assert late.view.events == [] and late.view.messages() == []
+    (t2,) = (await alice.send("after"))["turn_ids"]
+    agent.release(1)
+    end = await late.wait_turn_end(t2, WAIT)
+    assert late.view.events[0].seq == history[-1].seq + 1
+    assert late.view.message(end.message.id) == end.message
 
 
 async def test_a_bad_token_is_refused_at_connect(serve, clients) -> None:
@@ -540,3 +573,30 @@ async def test_chunks_and_events_stream_through_the_async_iterators(serve, clien
     assert [(e.turn_id, e.reason) for e in ends] == [(t1, "complete"), (t2, "cancelled")]
     chunks = [e for e in t.view.events if isinstance(e, ChunkEvent) and e.turn_id == t1]
     assert "".join(c.chunk.get("delta", "") for c in chunks) == words(2)
+
+
+async def test_a_gap_on_the_wire_is_healed_by_resubscribing(serve, clients) -> None:
+    srv, agent = boot(serve, words=6)
+    sid = new_session()
+    t = clients(srv, sid)
+    await t.connect()
+    (turn_id,) = (await t.send("hi"))["turn_ids"]
+    agent.release(3)
+    await t.wait_for(lambda v: text_of(v, turn_id) == words(3), WAIT)
+
+    lost: list[Any] = []
+    receive = t._on_events
+
+    def lossy(raws: Any) -> None:  # the next event is lost in transit, once
+        raws = list(raws)
+        if not lost and raws:
+            lost.append(raws.pop(0))
+        receive(raws)
+
+    t._on_events = lossy  # type: ignore[method-assign]
+    agent.release(3)
+    end = await t.wait_turn_end(turn_id, WAIT)  # stalls forever unless the gap is healed
+    events = await caught_up(t, srv, sid)
+    assert lost and t.view.gaps >= 1 and t.gap_recoveries >= 1
+    assert message_text(end.message) == words(6) == text_of(t.view, turn_id)
+    assert t.view.events == events

@@ -195,7 +195,14 @@ async def test_too_large(serve: Any, gate: Gate) -> None:
     await ws.send_raw(json.dumps(wide, ensure_ascii=False))
     err = await ws.reply("big2")
     assert err["op"] == "error" and err["code"] == "too_large", err
-    # A frame right at the limit is fine.
+    # A frame of exactly the limit is accepted.
+    exact = {"op": "send", "id": "big3", "session": S,
+             "messages": [{"id": "m-exact", "parts": [{"type": "text", "text": ""}]}]}
+    pad = 4096 - len(json.dumps(exact).encode())
+    exact["messages"][0]["parts"][0]["text"] = "y" * pad
+    assert len(json.dumps(exact).encode()) == 4096
+    ack = await ws.ok(exact)
+    await ws.turn_end(S, ack["turn_ids"][0])
     await assert_usable(ws, srv)
     ids = [e["message"]["id"] for e in stored(srv, S) if e["type"] == "message"]
     assert "m-big" not in ids and "m-wide" not in ids
@@ -608,4 +615,27 @@ async def test_cancel_naming_a_turn_not_started_yet_is_pending(srv: Any) -> None
     assert ack["op"] == "ack" and ack["id"] == "pc1", ack
     assert ack["pending"] == ["turn-future"] and ack["cancelled"] == [] and ack["rejected"] == [], ack
     await assert_usable(ws, srv)
+    await ws.close()
+
+
+async def test_pong_quotes_the_ping_id(srv: Any) -> None:
+    ws = await connected(srv)
+    await ws.send({"op": "ping", "id": "p-7"})
+    pong = await ws.wait_until(lambda: next((f for f in ws.frames if f.get("op") == "pong"), None), what="pong")
+    assert pong == {"op": "pong", "id": "p-7"}
+    await ws.close()
+
+
+async def test_lists_of_cancel_result_and_presence_are_always_present(srv: Any, gate: Gate) -> None:
+    # PROTOCOL.md lists these fields without a '?': a client in any language may
+    # read them without checking they exist.
+    ws = await connected(srv)
+    await ws.subscribe(S)
+    await ws.completes(S)
+    r = await ws.ok({"op": "cancel", "session": S})
+    assert r["cancelled"] == [] and r["rejected"] == [] and r["pending"] == []
+    result = await ws.wait_event(S, "cancel-result")
+    assert {"cancelled", "rejected", "pending"} <= result.keys()
+    presence = ws.find(S, "presence")
+    assert presence and all("turns" in p for p in presence)
     await ws.close()

@@ -254,7 +254,8 @@ async def test_async_upstream_suspended_at_a_yield_is_closed_with_aclose(make_ru
     end = await wait_end(hub, tid)
     assert end.reason == "cancelled"
     assert "produced after abort" not in events
-    assert events[-1] == "finally active=True"
+    assert events == ["GeneratorExit", "finally active=True"]  # aclose() at the yield, before turn-end
+    assert hub_box[0].state.turns[tid].chunks[-1].chunk == {"type": "abort"}
     assert hub.turns.get(tid) is None
 
 
@@ -420,6 +421,58 @@ async def test_raise_if_aborted_in_a_plain_handler_ends_cancelled_not_error(make
     assert end.reason == "cancelled" and end.error is None
 
 
+async def test_a_chunk_that_cannot_be_stored_fails_the_turn_not_the_session(make_runtime) -> None:
+    raised: list[str] = []
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("kept")
+        if turn.input.parts[0]["text"] == "bad":
+            try:
+                await turn.write({"type": "data-x", "data": object()})
+            except TypeError as exc:
+                raised.append(str(exc))
+                raise
+
+    rt = make_runtime(respond)
+    hub = await rt.hub("s")
+    t1 = await send(hub, "bad")
+    end = await wait_end(hub, t1)
+    assert raised and "JSON" in raised[0]
+    assert end.reason == "error" and texts(end.message) == ["kept"]
+    assert hub.broken is None and rt.loaded("s") is hub
+    t2 = await send(hub, "good")
+    assert (await wait_end(hub, t2)).reason == "complete"
+
+
+async def test_regenerate_starts_a_sibling_answer_for_the_same_input(make_runtime) -> None:
+    n = 0
+
+    async def respond(turn: Turn) -> None:
+        nonlocal n
+        n += 1
+        await turn.write(f"answer {n}")
+
+    rt = make_runtime(respond)
+    hub = await rt.hub("s")
+    t1 = await send(hub, "question")
+    end1 = await wait_end(hub, t1)
+    outcome, fut = await hub.regenerate("bob", end1.message.id)
+    await fut
+    [t2] = outcome.started
+    end2 = await wait_end(hub, t2)
+    s = hub.state
+    assert s.turns[t2].input_id == s.turns[t1].input_id and s.turns[t2].owner == "bob"
+    assert texts(end2.message) == ["answer 2"]
+    assert s.siblings(end1.message.id) == [end1.message.id, end2.message.id]
+    outcome, fut = await hub.regenerate("alice", s.turns[t1].input_id)  # from the user message itself
+    await fut
+    assert s.turns[outcome.started[0]].input_id == s.turns[t1].input_id
+    await wait_end(hub, outcome.started[0])
+    with pytest.raises(runtime_module.CommandError) as err:
+        await hub.regenerate("alice", "no-such-message")
+    assert err.value.code == "not_found"
+
+
 # ----------------------------------------------------------------- cancel authorisation
 
 
@@ -539,6 +592,28 @@ async def test_on_abort_text_survives_a_seen_before_the_text_started(make_runtim
     await (await hub.cancel("alice", OWN, seen=seen))[1]
     end = await wait_end(hub, tid)
     assert end.message.parts == [{"type": "text", "text": "[stopped]", "state": "done"}]
+
+
+async def test_on_abort_may_take_the_turn(make_runtime) -> None:
+    got: list[tuple[str, str | None]] = []
+
+    async def on_abort(write, turn: Turn) -> None:
+        got.append((turn.turn_id, turn.abort_signal.reason))
+        await write({"type": "message-metadata", "messageMetadata": {"stopped_by": "user"}})
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("x")
+        await turn.abort_signal
+
+    rt = make_runtime(Agent(respond, on_abort=on_abort))
+    hub = await rt.hub("s")
+    tid = await send(hub)
+    await until(lambda: bool(hub.state.turns[tid].chunks))
+    await (await hub.cancel("alice", OWN, seen=1))[1]  # seen before the turn: only final chunks count
+    end = await wait_end(hub, tid)
+    assert got == [(tid, "cancelled")]
+    assert end.message.parts == []
+    assert end.message.metadata == {"stopped_by": "user", "interrupted": {"reason": "cancelled", "seen": 1}}
 
 
 async def test_on_abort_runs_once_and_is_bounded_by_the_grace(make_runtime) -> None:

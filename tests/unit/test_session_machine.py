@@ -540,7 +540,7 @@ class Server:
         return m.matched + m.revisable
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(ops=_ops, bob_ops=_ops, cut=st.integers(0, 40), arrive=st.integers(0, 40), bob_first=st.booleans(),
        flt=st.sampled_from([CancelFilter(own=True), CancelFilter(turn_id="T"), CancelFilter(all=True),
                             CancelFilter(client_id="alice")]),

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from ..core.session import InvariantError, Session
 from ..protocol import (
     AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, ErrorCode, ErrorInfo, Message,
-    MessageEvent, MessageIn, Presence, Queued, Rejected, TurnEnd, TurnRevised, TurnStart,
+    MessageEvent, MessageIn, Presence, Queued, Rejected, TurnEnd, TurnRevised, TurnStart, encode,
 )
 from ..store.base import EventLog, Record
 from .metrics import Metrics
@@ -161,6 +161,12 @@ class SessionHub:
         if not self.state.is_active(turn.turn_id):
             self.count_late_chunk()
             return
+        try:
+            encode(chunk)
+        except Exception as exc:
+            # Refused here, to the agent code that wrote it: once emitted it
+            # would fail the store append and retire the whole session.
+            raise TypeError(f"a chunk must be JSON-serialisable: {exc}") from None
         first = not self.state.active[turn.turn_id].chunks
         self.emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
         if first:

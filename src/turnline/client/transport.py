@@ -185,8 +185,10 @@ class ClientTransport:
     async def close(self, cancel_own: bool = False, *, timeout: float = 5.0) -> None:
         """Close for good. With ``cancel_own=True``, first cancel this client's
         running turns (with ``seen``) and wait for the server's answer."""
-        if self._state in (CLOSED, IDLE):
-            self._set_state(CLOSED)
+        if self._state == CLOSED:
+            return
+        if self._state == IDLE:
+            self._shutdown(TurnlineError("closed", "the transport was closed"))
             return
         if cancel_own and not self._closing:
             try:
@@ -268,11 +270,11 @@ class ClientTransport:
             if first and view.last_seq == 0:
                 after = self._after
             else:
-                after = 0
+                after = view.last_seq
             ack = await self._internal_request(ws, {"op": "subscribe", "session": self.session, "after": after},
                                                reader)
             server_after = int(ack.get("after") or 0)
-            if view.last_seq == 0 and server_after > 0:
+            if view.last_seq == 0 and server_after > 0 and not view.core.messages and not view.core.turns:
                 view.start_at(server_after)  # live only, or resuming a cursor kept elsewhere
             target = int(ack.get("last_seq") or 0)
             await self._until(lambda v: v.last_seq >= target, self.catchup_timeout, reader)
@@ -383,6 +385,8 @@ class ClientTransport:
                     self._on_events(frame.events)
             elif op == "ack":
                 self._answer(frame.id, msgspec.json.decode(raw), None)
+            elif op == "pong":
+                self._on_pong(frame.id)
             elif op == "error":
                 err = TurnlineError(frame.code or ErrorCode.INTERNAL, str(frame.message or ""))
                 if frame.id is None:
@@ -424,6 +428,14 @@ class ClientTransport:
             log.info("resubscribe failed: %r", exc)
         finally:
             self._resubscribing = False
+
+    def _on_pong(self, rid: Any) -> None:
+        # A pong quotes its ping's id; one without an id answers the oldest ping.
+        pings = sorted((r for r in self._requests.values() if r.kind == "ping" and not r.future.done()),
+                       key=lambda r: r.id)
+        match = [r for r in pings if r.id == rid] or pings[:1]
+        for r in match:
+            r.future.set_result({})
 
     def _on_unsolicited_error(self, frame: _Frame, err: TurnlineError) -> None:
         if err.code == ErrorCode.UNAUTHORIZED:
@@ -657,8 +669,12 @@ class ClientTransport:
         return await self._request("regenerate", {"op": "regenerate", "session": self.session,
                                                   "message_id": message_id}, {"input_id": input_id})
 
-    async def ping(self) -> None:
+    async def ping(self) -> float:
+        """Round trip to the server (waits for a connection); returns seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         await self._request("ping", {"op": "ping"})
+        return loop.time() - start
 
     # ------------------------------------------------------------ reading state
 

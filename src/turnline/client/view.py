@@ -32,6 +32,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import msgspec
+
 from ..core.session import InvariantError, Session, TurnState
 from ..protocol import AnyEvent, Event, Message, MessageEvent, Rejected, TurnEnd, TurnRevised, TurnStart
 
@@ -200,9 +202,11 @@ class View:
 
     # ------------------------------------------------------------ optimistic messages
 
-    def add_optimistic(self, message: Message) -> None:
+    def add_optimistic(self, message: Message | dict[str, Any]) -> None:
         """Show a user message at once, under its own (client-generated) id,
         until the server's ``message`` event with that id replaces it."""
+        if not isinstance(message, Message):
+            message = msgspec.convert({"parent_id": None, **message}, Message)
         if message.id in self.core.messages:
             return  # already reconciled
         self._optimistic[message.id] = message

@@ -25,8 +25,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
 from ..protocol import (
-    PONG, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
-    Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, encode, error_frame,
+    Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
+    Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
     event_frame, events_frame, is_valid_id,
 )
 from .auth import AuthError, Principal, mint, verify
@@ -201,7 +201,7 @@ class Connection:
         runtime = app.runtime
         who = self.principal
         if isinstance(frame, Ping):
-            return None, PONG
+            return None, pong_frame(frame.id)
         if isinstance(frame, Subscribe):
             _require(who, frame.session, "subscribe")
             old = self.subs.pop(frame.session, None)

@@ -39,7 +39,7 @@ class Principal:
 def _pattern_re(pattern: str) -> re.Pattern[str]:
     # Only '*' is a wildcard. fnmatch would also expand '?' and '[…]', so a
     # token pattern like 'room-?*' or '[a-z]*' would grant more than it says.
-    return re.compile("^" + ".*".join(map(re.escape, pattern.split("*"))) + "$", re.DOTALL)
+    return re.compile(".*".join(map(re.escape, pattern.split("*"))), re.DOTALL)
 
 
 def _matches(pattern: str, session: str) -> bool:
@@ -47,7 +47,7 @@ def _matches(pattern: str, session: str) -> bool:
         return True
     if "*" not in pattern:
         return pattern == session
-    return _pattern_re(pattern).match(session) is not None
+    return _pattern_re(pattern).fullmatch(session) is not None
 
 
 def parse_caps(specs: Iterable[str]) -> dict[str, list[str]]:
