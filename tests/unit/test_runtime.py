@@ -23,10 +23,9 @@ import pytest
 
 from turnline.agent import Aborted, AbortSignal, Agent, CancelRequest, Runtime, RuntimeConfig, SessionHub, Turn
 from turnline.agent import runtime as runtime_module
-from turnline.core.fold import fold
 from turnline.protocol import (
-    AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, Message, MessageEvent, Queued, Rejected, TurnEnd,
-    TurnRevised, TurnStart, user_message,
+    AnyEvent, CancelFilter, CancelResult, ChunkEvent, Message, Queued, Rejected, TurnEnd, TurnRevised, TurnStart,
+    user_message,
 )
 from turnline.store import MemoryEventLog
 
@@ -108,21 +107,18 @@ class Upstream:
     """An LLM stream the test drives: each item is released with ``feed``.
     Records what it yielded and how it was closed."""
 
-    def __init__(self, hub_ref: Callable[[], SessionHub] | None = None) -> None:
+    def __init__(self) -> None:
         self.items: asyncio.Queue[Any] = asyncio.Queue()
         self.yielded: list[Any] = []
         self.exit: str | None = None
         self.closed_while_active: bool | None = None
         self.closed_at_seq: int | None = None
-        self.hub_ref = hub_ref
-        self.turn_id: str | None = None
 
     def feed(self, *items: Any) -> None:
         for item in items:
             self.items.put_nowait(item)
 
     async def stream(self, turn: Turn) -> AsyncIterator[Any]:
-        self.turn_id = turn.turn_id
         try:
             while True:
                 item = await self.items.get()
@@ -150,6 +146,8 @@ async def test_abort_fires_once_and_keeps_its_first_reason() -> None:
     removed: list[str] = []
     signal.add_listener(removed.append)()  # removed before it fires
     assert not signal.aborted and signal.reason is None and signal.fired_ns is None
+    assert signal.wait(0) is False
+    signal.raise_if_aborted()  # not yet: no-op
     waiter = asyncio.ensure_future(_await(signal))
     await asyncio.sleep(0)  # the waiter is waiting
     assert signal.abort("cancelled") is True
@@ -213,12 +211,13 @@ async def test_async_upstream_is_closed_before_turn_end(make_runtime) -> None:
     await fut
     assert result.cancelled == [tid]
     n_at_cancel = len(up.yielded)
+    turn_obj = hub.turns[tid]
     up.feed("after", "the", "cancel")  # the model keeps producing: nobody reads it
     end = await wait_end(hub, tid)
     assert up.exit in ("CancelledError", "GeneratorExit")
     assert up.closed_while_active is True  # closed before turn-end was appended
     assert up.closed_at_seq is not None and up.closed_at_seq < end.seq
-    assert len(up.yielded) - n_at_cancel <= 1
+    assert len(up.yielded) - n_at_cancel <= 1 and turn_obj.upstream_after_abort <= 1
     assert end.reason == "cancelled"
     assert texts(end.message) == ["Hello world"]
     assert hub.turns.get(tid) is None
@@ -244,7 +243,10 @@ async def test_async_upstream_suspended_at_a_yield_is_closed_with_aclose(make_ru
         finally:
             events.append(f"finally active={hub_box[0].state.is_active(turn.turn_id)}")
 
+    turns: list[Turn] = []
+
     async def respond(turn: Turn) -> None:
+        turns.append(turn)
         await turn.stream_response(gen(turn))
 
     rt = make_runtime(respond)
@@ -252,10 +254,13 @@ async def test_async_upstream_suspended_at_a_yield_is_closed_with_aclose(make_ru
     hub_box.append(hub)
     tid = await send(hub)
     end = await wait_end(hub, tid)
+    [turn] = turns
     assert end.reason == "cancelled"
     assert "produced after abort" not in events
     assert events == ["GeneratorExit", "finally active=True"]  # aclose() at the yield, before turn-end
     assert hub_box[0].state.turns[tid].chunks[-1].chunk == {"type": "abort"}
+    assert turn.upstream_after_abort == 1  # "two": produced, never written
+    assert texts(end.message) == ["one"]
     assert hub.turns.get(tid) is None
 
 
@@ -284,6 +289,7 @@ async def test_sync_generator_is_stopped_at_its_next_yield_and_does_not_hold_the
     tid = await send(hub)
     await asyncio.to_thread(blocked.wait, WAIT)
     await until(lambda: "two" in str(hub.state.turns[tid].chunks), "both items written")
+    turn = hub.turns[tid]
     cancelled.set()
     result, fut = await hub.cancel("alice", OWN)
     await fut
@@ -296,6 +302,7 @@ async def test_sync_generator_is_stopped_at_its_next_yield_and_does_not_hold_the
     gate.set()
     assert await asyncio.to_thread(finished.wait, WAIT)
     assert produced_after_cancel == ["three"]  # stopped at the next yield: one item at most
+    assert turn.upstream_after_abort == 1
     events = await settled(hub)
     assert not [c for c in of_turn(events, tid) if "three" in str(c.chunk)]
 
@@ -370,22 +377,27 @@ async def test_async_with_turn_always_ends_it(make_runtime) -> None:
     gates: dict[str, asyncio.Event] = {}
     entered: dict[str, asyncio.Event] = {}
 
+    after_block: dict[str, str | None] = {}
+
     async def respond(turn: Turn) -> None:
         mode = turn.input.parts[0]["text"]
-        async with turn:
-            await turn.write(f"{mode}:")
-            entered[mode].set()
-            if mode == "complete":
-                return
-            if mode == "error":
-                raise KeyError("inside the block")
-            if mode == "aborted-raise":
-                await turn.abort_signal
-                turn.abort_signal.raise_if_aborted()
-            if mode == "cancelled":
-                await turn.abort_signal
-            if mode == "stopped":
-                await gates[mode].wait()  # the task is cancelled while it waits
+        try:
+            async with turn:
+                await turn.write(f"{mode}:")
+                entered[mode].set()
+                if mode == "complete":
+                    return
+                if mode == "error":
+                    raise KeyError("inside the block")
+                if mode == "aborted-raise":
+                    await turn.abort_signal
+                    turn.abort_signal.raise_if_aborted()
+                if mode == "cancelled":
+                    await turn.abort_signal
+                if mode == "stopped":
+                    await gates[mode].wait()  # the task is cancelled while it waits
+        finally:
+            after_block[mode] = turn.reason  # the block itself ended the turn
 
     rt = make_runtime(respond)
     hub = await rt.hub("s")
@@ -402,8 +414,10 @@ async def test_async_with_turn_always_ends_it(make_runtime) -> None:
             hub._tasks[tid].cancel()  # the server stops the task without an abort
         end = await wait_end(hub, tid)
         reasons[mode] = end.reason
+        await until(lambda: mode in after_block, "the handler to return")
     assert reasons == {"complete": "complete", "error": "error", "cancelled": "cancelled",
                        "aborted-raise": "cancelled", "stopped": "error"}
+    assert after_block == reasons
 
 
 async def test_raise_if_aborted_in_a_plain_handler_ends_cancelled_not_error(make_runtime) -> None:
@@ -634,6 +648,7 @@ async def test_on_abort_runs_once_and_is_bounded_by_the_grace(make_runtime) -> N
     tid = await send(hub)
     await (await hub.cancel("alice", OWN))[1]
     end = await wait_end(hub, tid)
+    await until(lambda: tid not in hub._tasks and not hub._background, "the turn's tasks to finish")
     assert end.reason == "cancelled"
     assert texts(end.message) == ["bye"]
     assert runs == 1
@@ -802,7 +817,6 @@ async def test_a_turn_that_ends_while_the_hook_decides_is_revised(make_runtime) 
 async def test_a_rejecting_hook_also_guards_the_revision(make_runtime) -> None:
     # The same stop, rejected by the hook, must not truncate a turn that won
     # the race: the outcome of a cancel does not depend on who came first.
-    end, saved, events = None, None, None
     up = Upstream()
 
     async def respond(turn: Turn) -> None:

@@ -46,7 +46,9 @@ class Turn:
     exactly once, with ``complete``, ``cancelled`` or ``error``.
 
     Use it as ``async with turn:`` to be sure it ends: on leaving the block it
-    ends ``cancelled`` if aborted, ``error`` on an exception, else ``complete``.
+    ends ``cancelled`` if aborted (whatever the block raised on its way out,
+    e.g. :class:`Aborted`), ``error`` on an exception or if its task was
+    stopped without an abort, else ``complete``.
     """
 
     def __init__(self, hub: SessionHub, *, turn_id: str, owner: str, input: Message,
