@@ -1047,3 +1047,21 @@ async def test_a_handler_that_swallows_the_force_end_is_still_ended(make_runtime
     assert late_chunks(rt) == 1  # " late": written after the abort
     never.set()  # let the handler finish
     await until(lambda: tid not in hub._tasks, "the handler's task to finish")
+
+
+async def test_a_refused_event_never_leaves_state_ahead_of_the_log(make_runtime) -> None:
+    from turnline.core.session import InvariantError
+    from turnline.protocol import ChunkEvent, Message, MessageEvent
+
+    rt = make_runtime()
+    hub = await rt.hub("s")
+    ok = MessageEvent(message=Message(id="m1", role="user", parts=[], parent_id=None))
+    bad = ChunkEvent(turn_id="turn-unknown", chunk={"type": "text-delta", "id": "x", "delta": "!"})
+    with pytest.raises(InvariantError):
+        hub.emit([ok, bad])
+    await until(lambda: not hub._flushing and not hub._outbox, "flush")
+    assert await rt.store.last_seq("s") == hub.state.last_seq == 1
+    outcome, durable = await hub.send("alice", [user_message("still works")])
+    await durable
+    await until(lambda: not hub._flushing and not hub._outbox and not hub.state.active, "turn over")
+    assert await rt.store.last_seq("s") == hub.state.last_seq > 2

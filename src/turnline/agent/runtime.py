@@ -106,17 +106,25 @@ class SessionHub:
         if self.broken is not None:
             raise CommandError(ErrorCode.INTERNAL, f"session store failed: {self.broken}")
         ts = time.time_ns() // 1_000_000
-        for ev in events:
-            ev.seq = self.state.last_seq + 1
-            if not ev.ts:
-                ev.ts = ts
-            self.state.apply(ev)
-        self._outbox.extend(events)
+        applied = 0
+        try:
+            for ev in events:
+                ev.seq = self.state.last_seq + 1
+                if not ev.ts:
+                    ev.ts = ts
+                self.state.apply(ev)
+                applied += 1
+        finally:
+            # What the state took, the log must take too, even when a later
+            # event of the batch was refused: state and log never diverge.
+            self._outbox.extend(events[:applied])
+            if applied and not self._flushing:
+                self._flushing = True
+                asyncio.ensure_future(self._flush())
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((self.state.last_seq, fut))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.ensure_future(self._flush())
+        if not self._outbox and not self._flushing:
+            fut.set_result(None)  # nothing new: already durable
         return fut
 
     async def _flush(self) -> None:
