@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--agent", "agent_spec", default="turnline.agent.demo:agent", show_default=True,
               help="module:attr of a turnline.Agent or a function taking a Turn")
 @click.option("--secret", default=None, help="JWT signing secret (else TURNLINE_SECRET, else a dev secret)")
-@click.option("--dev/--no-dev", default=None, help="dev mode: a dev token is printed and the demo page gets "
+@click.option("--dev/--no-dev", default=None, help="dev mode: a dev token is printed and /v1/dev/token mints "
               "short-lived tokens. Default: on for a loopback host, off otherwise.")
 @click.option("--policy", default="concurrent", show_default=True,
               type=click.Choice(["concurrent", "queue", "interrupt", "reject", "rollback"]),
@@ -91,7 +91,7 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     click.echo(f"  policy: {policy}")
     if dev:
         token = mint(key, "dev", {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 24 * 3600)
-        click.echo(f"  DEV MODE: secret from {source}; the demo page mints 15-minute tokens.")
+        click.echo(f"  DEV MODE: secret from {source}; POST /v1/dev/token?sub=NAME mints 15-minute tokens.")
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on")

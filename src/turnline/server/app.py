@@ -256,7 +256,7 @@ class Connection:
         if self.cancel_on_disconnect:
             for session in self.touched:
                 hub = self.app.runtime.loaded(session)
-                if hub is not None and who_can_cancel(self.principal, session):
+                if hub is not None and self.principal.can(session, "cancel"):
                     try:
                         _result, durable = await hub.cancel(self.principal.client_id, CancelFilter(own=True))
                     except Exception:
@@ -283,10 +283,6 @@ def _frame_id_of(data: bytes) -> str | int | None:
         return _frame_id_decoder.decode(data).id
     except msgspec.DecodeError:
         return None
-
-
-def who_can_cancel(principal: Principal, session: str) -> bool:
-    return principal.can(session, "cancel")
 
 
 class TurnlineApp:
