@@ -89,6 +89,7 @@ class SessionHub:
         self._privileged_pending: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self.broken: BaseException | None = None
+        self.closing = False  # shutting down: queued inputs wait for the next start
 
     @property
     def store(self) -> EventLog:
@@ -503,7 +504,7 @@ class SessionHub:
 
     def _start_next_queued(self) -> None:
         state = self.state
-        if state.active or not state.queue:
+        if state.active or not state.queue or self.closing:
             return
         nxt = state.queue[0]
         self.emit([TurnStart(turn_id=nxt.turn_id, owner=nxt.owner, input_id=nxt.message_id,
@@ -523,6 +524,7 @@ class SessionHub:
         self._start_next_queued()
 
     async def shutdown(self) -> None:
+        self.closing = True
         for turn_id in list(self.turns):
             self._abort(turn_id, "shutdown")
         tasks = [t for t in self._tasks.values() if not t.done()]
