@@ -217,6 +217,9 @@ class Send(ClientFrame, tag="send"):
     policy: Policy | None = None
     parent_id: Id | None = None
     steer: Id | None = None
+    # Extension: for ``interrupt``/``rollback``, the sender's view cursor; the
+    # turns the send cancels are persisted as of it, as with ``cancel.seen``.
+    seen: Seq | None = None
 
 
 class Regenerate(ClientFrame, tag="regenerate"):

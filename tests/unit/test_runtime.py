@@ -1065,3 +1065,39 @@ async def test_a_refused_event_never_leaves_state_ahead_of_the_log(make_runtime)
     await durable
     await until(lambda: not hub._flushing and not hub._outbox and not hub.state.active, "turn over")
     assert await rt.store.last_seq("s") == hub.state.last_seq > 2
+
+
+async def test_interrupt_with_seen_saves_the_old_turn_as_the_sender_saw_it(make_runtime) -> None:
+    words = asyncio.Queue()
+
+    async def respond(turn: Turn):
+        if turn.input.parts[0]["text"] == "old":
+            while True:
+                yield await words.get()
+        else:
+            yield "new reply"
+
+    rt = make_runtime(respond)
+    hub = await rt.hub("s")
+    old = await send(hub, "old")
+    for w in ("one ", "two "):
+        words.put_nowait(w)
+    await until(lambda: texts_of_live(hub, old) == "one two ")
+    seen = hub.state.last_seq  # the sender's screen shows "one two "
+    words.put_nowait("three ")  # reaches the log, not the sender's screen
+    await until(lambda: texts_of_live(hub, old) == "one two three ")
+    outcome, fut = await hub.send("alice", [user_message("new")], policy="interrupt", seen=seen)
+    await fut
+    assert outcome.cancelled == [old]
+    end_old = await wait_end(hub, old)
+    assert end_old.reason == "cancelled"
+    assert texts(end_old.message) == ["one two "]
+    assert end_old.message.metadata["interrupted"] == {"reason": "cancelled", "seen": seen}
+    # the new turn's model input holds what the user saw of the old reply
+    end_new = await wait_end(hub, outcome.started[0])
+    assert [m.id for m in hub.state.branch(end_new.message.id)][-3] == end_old.message.id
+
+
+def texts_of_live(hub: SessionHub, turn_id: str) -> str:
+    fold = hub.state.turns[turn_id].fold
+    return "".join(p.get("text", "") for p in fold.parts) if fold else ""

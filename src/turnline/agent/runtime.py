@@ -193,7 +193,8 @@ class SessionHub:
     # ------------------------------------------------------------ commands
 
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
-                   parent_id: str | None = None, steer: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+                   parent_id: str | None = None, steer: str | None = None,
+                   seen: int | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
         state = self.state
         cfg = self.runtime.config
         if policy is not None and not cfg.allow_policy_override:
@@ -253,7 +254,8 @@ class SessionHub:
                 elif parent_id is None:
                     parent = latest.message_id
                 cancelled = [t.turn_id for t in own]
-                pre = [CancelEvent(request_id=request_id, filter=CancelFilter(own=True), client_id=requester),
+                pre = [CancelEvent(request_id=request_id, filter=CancelFilter(own=True), seen=seen,
+                                   client_id=requester),
                        CancelResult(request_id=request_id, cancelled=cancelled, rolled_back=rolled,
                                     client_id=agent_id)]
                 for t in cancelled:

@@ -614,11 +614,20 @@ class ClientTransport:
         for key, value in (("policy", policy), ("parent_id", parent_id), ("steer", steer)):
             if value is not None:
                 frame[key] = value
+        interrupting = policy in ("interrupt", "rollback") and steer is None
+        if interrupting:
+            # The turns this send cancels are saved as this view shows them.
+            frame["seen"] = seen = view.last_seq
+            view.freeze(view.active_turns.get(self.client_id, ()), seen, request=ids[-1])
         try:
             ack = await self._request("send", frame, {"ids": ids})
         except TurnlineError:
             view.drop_optimistic(i for i in ids if i not in view.core.messages)
+            if interrupting:
+                view.cancel_failed(ids[-1])
             raise
+        if interrupting:
+            view.cancel_acked(ids[-1], cancelled=ack.get("cancelled", ()), seen=frame["seen"])
         if ack.get("rejected"):
             view.drop_optimistic(ids)  # a rejected send is not appended
         return ack

@@ -62,6 +62,7 @@ class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     policy: Policy | None = None
     parent_id: Id | None = None
     steer: Id | None = None
+    seen: Seq | None = None
 
 
 class CancelBody(msgspec.Struct, omit_defaults=True):
@@ -225,7 +226,7 @@ class Connection:
             _require(who, frame.session, "publish")
             hub = await runtime.hub(frame.session)
             outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
-                                              parent_id=frame.parent_id, steer=frame.steer)
+                                              parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen)
             self.touched.add(frame.session)
             return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
         if isinstance(frame, Cancel):
@@ -434,7 +435,7 @@ class TurnlineApp:
                 raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
             hub = await self.runtime.hub(session)
             outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
-                                              parent_id=body.parent_id, steer=body.steer)
+                                              parent_id=body.parent_id, steer=body.steer, seen=body.seen)
             await durable
             return JSONResponse(outcome.as_dict())
         return await self._guard(request, run)
