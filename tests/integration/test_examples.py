@@ -1,0 +1,32 @@
+"""Every example runs to completion against a real server (its own, in-process),
+and says what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+EXPECTED = {
+    "stop_button.py": ["history == screen: yes"],
+    "double_texting.py": ["queue: ack", "interrupt: ack", "reject: ack", "rejected: busy", "rollback: ack"],
+    "branching.py": ["‹ 2/2 ›", "back on the first branch:"],
+    "steering.py": ["[switching to dogs, please]", "the steer started none"],
+}
+
+
+def test_every_example_is_covered() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name: str) -> None:
+    env = {"PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, name], cwd=EXAMPLES, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for expected in EXPECTED[name]:
+        assert expected in done.stdout, done.stdout
