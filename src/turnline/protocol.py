@@ -149,7 +149,11 @@ class CancelResult(Event, tag="cancel-result", omit_defaults=False):
 class Queued(Event, tag="queued"):
     message_id: Id
     position: int
-    turn_id: str | None = None  # extension: the turn id reserved for it
+    # Extensions: the turn id reserved for it, and the queued messages
+    # themselves, which join the tree (as ``message`` events) when that turn
+    # starts, after the reply they waited for.
+    turn_id: str | None = None
+    messages: list[Message] = []
 
 
 class Rejected(Event, tag="rejected"):

@@ -1101,3 +1101,32 @@ async def test_interrupt_with_seen_saves_the_old_turn_as_the_sender_saw_it(make_
 def texts_of_live(hub: SessionHub, turn_id: str) -> str:
     fold = hub.state.turns[turn_id].fold
     return "".join(p.get("text", "") for p in fold.parts) if fold else ""
+
+
+async def test_cancelling_a_queued_input_leaves_the_next_one_a_whole_history(make_runtime) -> None:
+    gate = asyncio.Event()
+    histories: dict[str, list[str]] = {}
+
+    async def respond(turn: Turn) -> None:
+        text = turn.input.parts[0]["text"]
+        histories[text] = [m.parts[0]["text"] if m.role == "user" else "reply" for m in turn.history]
+        await turn.write(f"re {text}")
+        if text == "A":
+            await gate.wait()
+
+    rt = make_runtime(respond)
+    hub = await rt.hub("s")
+    first = await send(hub, "A")
+    (b, fut_b) = await hub.send("bob", [user_message("B")], policy="queue")
+    (c, fut_c) = await hub.send("alice", [user_message("C")], policy="queue")
+    await fut_b
+    await fut_c
+    result, fut = await hub.cancel("bob", CancelFilter(turn_id=b.queued[0]))
+    await fut
+    assert result.cancelled == b.queued
+    gate.set()
+    await wait_end(hub, first)
+    await wait_end(hub, c.queued[0])
+    assert histories["C"] == ["A", "reply", "C"]  # follows A's reply: not orphaned by B
+    assert b.message_ids[0] not in hub.state.messages  # a cancelled queued input never joined the tree
+    assert [m.parts[0].get("text") for m in hub.state.branch()] == ["A", "re A", "C", "re C"]

@@ -15,6 +15,8 @@ import inspect
 import logging
 import time
 import uuid
+
+import msgspec
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -226,14 +228,13 @@ class SessionHub:
             if len(state.queue) >= cfg.queue_limit:
                 fut = self.emit([Rejected(message_id=ids[-1], code=ErrorCode.QUEUE_FULL, client_id=requester)])
                 return SendOutcome(ids, rejected=ErrorCode.QUEUE_FULL), fut
-            # Sequential conversation: the message follows the reply it waits for.
-            behind = state.queue[-1].turn_id if state.queue else next(reversed(state.active))
-            after = self._reply_id(behind)
-            events, _ = self._chain(requester, messages, ids, parent_id or after, None)
+            # The messages join the tree when their turn starts, after the reply
+            # they waited for; a queued input cancelled meanwhile leaves no trace
+            # in the tree for later ones to hang from.
+            _, built = self._chain(requester, messages, ids, parent_id, None)
             turn_id = new_id("turn")
-            events.append(Queued(message_id=ids[-1], position=len(state.queue) + 1, turn_id=turn_id,
-                                 client_id=requester))
-            fut = self.emit(events)
+            fut = self.emit([Queued(message_id=ids[-1], position=len(state.queue) + 1, turn_id=turn_id,
+                                    messages=built, client_id=requester)])
             return SendOutcome(ids, queued=[turn_id]), fut
 
         cancelled: list[str] = []
@@ -281,10 +282,6 @@ class SessionHub:
             built.append(msg)
             parent = mid
         return events, built
-
-    def _reply_id(self, turn_id: str) -> str:
-        turn = self.state.turns.get(turn_id)
-        return turn.message_id if turn is not None else _reply_for(turn_id)
 
     def _turn_start(self, turn_id: str, owner: str, input_id: str) -> TurnStart:
         return TurnStart(turn_id=turn_id, owner=owner, input_id=input_id, message_id=_reply_for(turn_id),
@@ -509,8 +506,15 @@ class SessionHub:
         if state.active or not state.queue or self.closing:
             return
         nxt = state.queue[0]
-        self.emit([TurnStart(turn_id=nxt.turn_id, owner=nxt.owner, input_id=nxt.message_id,
-                             message_id=_reply_for(nxt.turn_id), client_id=self.runtime.agent_id)])
+        events: list[AnyEvent] = []
+        if nxt.messages:
+            first = nxt.messages[0]
+            if first.parent_id is None:
+                first = msgspec.structs.replace(first, parent_id=state.default_parent())
+            events = [MessageEvent(message=m, client_id=nxt.owner) for m in [first, *nxt.messages[1:]]]
+        events.append(TurnStart(turn_id=nxt.turn_id, owner=nxt.owner, input_id=nxt.message_id,
+                                message_id=_reply_for(nxt.turn_id), client_id=self.runtime.agent_id))
+        self.emit(events)
         self._launch(nxt.turn_id, [])
 
     def recover(self) -> None:
@@ -537,8 +541,7 @@ class SessionHub:
 
 
 def _reply_for(turn_id: str) -> str:
-    # The reply's id is derived from the turn's, so a queued input can name
-    # the reply it will follow before that reply's turn starts.
+    # The reply shares its turn's hex, so logs pair them at a glance.
     return "reply-" + turn_id.removeprefix("turn-")
 
 

@@ -71,6 +71,7 @@ class QueuedInput:
     message_id: str
     turn_id: str
     owner: str
+    messages: list[Message] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -212,9 +213,8 @@ class Session:
                     self.pending_cancels.pop(next(iter(self.pending_cancels)))
 
     def _on_queued(self, ev: Queued) -> None:
-        msg = self.messages.get(ev.message_id)
-        if ev.turn_id is not None and msg is not None:
-            self.queue.append(QueuedInput(ev.message_id, ev.turn_id, ev.client_id))
+        if ev.turn_id is not None:
+            self.queue.append(QueuedInput(ev.message_id, ev.turn_id, ev.client_id, list(ev.messages)))
 
     def _on_rejected(self, ev: Rejected) -> None:
         self.queue = [q for q in self.queue if q.message_id != ev.message_id]
