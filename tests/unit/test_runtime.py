@@ -24,7 +24,8 @@ import pytest
 from turnline.agent import Aborted, AbortSignal, Agent, CancelRequest, Runtime, RuntimeConfig, SessionHub, Turn
 from turnline.agent import runtime as runtime_module
 from turnline.protocol import (
-    AnyEvent, CancelFilter, CancelResult, ChunkEvent, Message, Queued, Rejected, TurnEnd, TurnRevised, TurnStart,
+    AnyEvent, CancelFilter, CancelResult, ChunkEvent, Message, Presence, Queued, Rejected, TurnEnd, TurnRevised,
+    TurnStart,
     user_message,
 )
 from turnline.store import MemoryEventLog
@@ -1130,3 +1131,43 @@ async def test_cancelling_a_queued_input_leaves_the_next_one_a_whole_history(mak
     assert histories["C"] == ["A", "reply", "C"]  # follows A's reply: not orphaned by B
     assert b.message_ids[0] not in hub.state.messages  # a cancelled queued input never joined the tree
     assert [m.parts[0].get("text") for m in hub.state.branch()] == ["A", "re A", "C", "re C"]
+
+
+async def test_a_pending_cancel_is_put_to_on_cancel_when_its_turn_starts(make_runtime, monkeypatch) -> None:
+    asked: list[CancelRequest] = []
+    gate = asyncio.Event()
+
+    async def decide(request: CancelRequest) -> bool:
+        asked.append(request)
+        return False
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("runs")
+        await gate.wait()
+
+    rt = make_runtime(Agent(respond, on_cancel=decide))
+    hub = await rt.hub("s")
+    result, fut = await hub.cancel("alice", CancelFilter(turn_id="turn-later"), seen=0)
+    await fut
+    assert result.pending == ["turn-later"] and asked == []  # nothing to decide on yet
+    real_new_id = runtime_module.new_id
+    monkeypatch.setattr(runtime_module, "new_id", lambda p: "turn-later" if p == "turn" else real_new_id(p))
+    tid = await send(hub, requester="alice")
+    await until(lambda: bool(hub.state.turns[tid].chunks))
+    assert [(r.requester, r.matched_turn_ids, dict(r.turn_owners)) for r in asked] == \
+        [("alice", [tid], {tid: "alice"})]
+    assert not hub.turns[tid].aborted and "turn-later" not in hub.state.pending_cancels
+    events = await settled(hub)
+    verdicts = [e for e in events if isinstance(e, CancelResult) and e.request_id == result.request_id]
+    assert verdicts[-1].rejected == [tid] and verdicts[-1].cancelled == []  # the requester is told
+    gate.set()
+    assert (await wait_end(hub, tid)).reason == "complete"
+
+
+async def test_presence_says_offline_when_no_agent_runs_the_session(make_runtime) -> None:
+    rt = make_runtime(None)
+    hub = await rt.hub("s")
+    tid = await send(hub)
+    await wait_end(hub, tid)
+    events = await settled(hub)
+    assert [e.state for e in events if isinstance(e, Presence)][:1] == ["offline"]

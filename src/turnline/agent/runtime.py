@@ -187,7 +187,7 @@ class SessionHub:
         self.metrics.late_chunks.inc()
 
     def _publish_presence(self) -> None:
-        state = self.state.presence_state()
+        state = self.state.presence_state() if self.runtime.agent is not None else "offline"
         if state != self._presence:
             self._presence = state
             self.emit([Presence(state=state, turns=list(self.state.active), client_id=self.runtime.agent_id)])
@@ -394,23 +394,34 @@ class SessionHub:
         turn = Turn(self, turn_id=turn_id, owner=ts.owner, input=input_msg, message_id=ts.message_id,
                     history=[])
         self.turns[turn_id] = turn
-        pending = self.state.pending_cancels.get(turn_id)
-        if pending is not None:
-            self._apply_pending_cancel(turn, pending)
         self._tasks[turn_id] = asyncio.ensure_future(self._run(turn, wait_for))
 
-    def _apply_pending_cancel(self, turn: Turn, pending: Any) -> None:
-        privileged = pending.request_id in self._privileged_pending or turn.turn_id in self._privileged_pending
-        if pending.requester != turn.owner and not privileged:
+    async def _apply_pending_cancel(self, turn: Turn) -> None:
+        """A cancel that named this turn before it started is decided now, by
+        the same rules as any cancel: the owner or ``cancel-any``, then ``on_cancel``."""
+        pending = self.state.pending_cancels.get(turn.turn_id)
+        if pending is None:
             return
+        allowed = pending.requester == turn.owner or turn.turn_id in self._privileged_pending
         self._privileged_pending.discard(turn.turn_id)
-        self._abort(turn.turn_id, "cancelled")
-        self.emit([CancelResult(request_id=pending.request_id, cancelled=[turn.turn_id],
-                                client_id=self.runtime.agent_id)])
+        hook = self.runtime.agent.on_cancel if self.runtime.agent else None
+        if allowed and hook is not None:
+            verdict = hook(CancelRequest(self.session_id, pending.requester, CancelFilter(turn_id=turn.turn_id),
+                                         [turn.turn_id], {turn.turn_id: turn.owner}, pending.seen))
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            allowed = bool(verdict)
+        if turn.reason is not None or not self.state.is_active(turn.turn_id):
+            return
+        if allowed:
+            self._abort(turn.turn_id, "cancelled")
+        self.emit([CancelResult(request_id=pending.request_id, cancelled=[turn.turn_id] if allowed else [],
+                                rejected=[] if allowed else [turn.turn_id], client_id=self.runtime.agent_id)])
 
     async def _run(self, turn: Turn, wait_for: list[asyncio.Event]) -> None:
         agent = self.runtime.agent
         try:
+            await self._apply_pending_cancel(turn)
             if wait_for:
                 # cancel-then-send: the new turn's model input includes what
                 # the interrupted turn persisted, so it waits for that turn-end.

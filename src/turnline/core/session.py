@@ -202,6 +202,8 @@ class Session:
             if turn is not None and turn.cancel is None:
                 turn.cancel = CancelMark(ev.request_id, seen, ev.seq)
             self.queue = [q for q in self.queue if q.turn_id != turn_id]
+        for turn_id in ev.rejected:
+            self.pending_cancels.pop(turn_id, None)  # decided: it will not apply
         if ev.rolled_back:
             self.hidden.update(ev.rolled_back)
             while self.head in self.hidden:
