@@ -97,3 +97,11 @@ def serve() -> Any:
     yield factory
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def gate() -> Any:
+    """Holds a test agent until the test opens it (integration tests)."""
+    from wsraw import Gate  # tests/integration is on sys.path for its own modules
+
+    return Gate()

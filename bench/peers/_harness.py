@@ -55,6 +55,24 @@ class StreamRecord:
         }
 
 
+def record_routes(records: dict[str, StreamRecord]) -> list[Any]:
+    """``GET /stats/{sid}`` (a stream's record) and ``GET /healthz``, which every peer serves."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    async def stats(request: Request) -> JSONResponse:
+        rec = records.get(request.path_params["sid"])
+        if rec is None:
+            return JSONResponse({"error": "unknown stream"}, status_code=404)
+        return JSONResponse(rec.to_json())
+
+    async def healthz(_request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return [Route("/stats/{sid}", stats, methods=["GET"]), Route("/healthz", healthz, methods=["GET"])]
+
+
 # --------------------------------------------------------------------------- #
 # client side
 # --------------------------------------------------------------------------- #

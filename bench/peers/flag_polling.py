@@ -31,10 +31,11 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench.peers._harness import (
+    record_routes,
     SSEReader,
     StreamRecord,
     build_main,
@@ -209,17 +210,6 @@ async def stop(request: Request) -> Response:
     return JSONResponse({"updated": n})
 
 
-async def stats(request: Request) -> JSONResponse:
-    rec = RECORDS.get(request.path_params["sid"])
-    if rec is None:
-        return JSONResponse({"error": "unknown stream"}, status_code=404)
-    return JSONResponse(rec.to_json())
-
-
-async def healthz(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
     await asyncio.to_thread(_init_db)
@@ -230,8 +220,7 @@ app = Starlette(
     routes=[
         Route("/chat", chat, methods=["POST"]),
         Route("/chat/{sid}/stop", stop, methods=["POST"]),
-        Route("/stats/{sid}", stats, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        *record_routes(RECORDS),
     ],
     lifespan=lifespan,
 )

@@ -25,10 +25,11 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from bench.peers._harness import (
+    record_routes,
     SSEReader,
     StreamRecord,
     fetch_record,
@@ -71,21 +72,9 @@ async def chat(request: Request) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Stream-Id": sid})
 
 
-async def stats(request: Request) -> JSONResponse:
-    rec = RECORDS.get(request.path_params["sid"])
-    if rec is None:
-        return JSONResponse({"error": "unknown stream"}, status_code=404)
-    return JSONResponse(rec.to_json())
-
-
-async def healthz(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
 app = Starlette(routes=[
     Route("/chat", chat, methods=["POST"]),
-    Route("/stats/{sid}", stats, methods=["GET"]),
-    Route("/healthz", healthz, methods=["GET"]),
+    *record_routes(RECORDS),
 ])
 
 

@@ -34,10 +34,11 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from bench.peers._harness import (
+    record_routes,
     SSEReader,
     StreamRecord,
     build_main,
@@ -90,22 +91,10 @@ async def chat(request: Request) -> StreamingResponse:
     )
 
 
-async def stats(request: Request) -> JSONResponse:
-    rec = RECORDS.get(request.path_params["sid"])
-    if rec is None:
-        return JSONResponse({"error": "unknown stream"}, status_code=404)
-    return JSONResponse(rec.to_json())
-
-
-async def healthz(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
 app = Starlette(
     routes=[
         Route("/chat", chat, methods=["POST"]),
-        Route("/stats/{sid}", stats, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        *record_routes(RECORDS),
     ]
 )
 

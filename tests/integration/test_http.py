@@ -64,11 +64,6 @@ def make_agent(gate: Gate, late: Late) -> Any:
 
 
 @pytest.fixture
-def gate() -> Gate:
-    return Gate()
-
-
-@pytest.fixture
 def late() -> Late:
     return Late()
 

@@ -62,11 +62,6 @@ def make_agent(gate: Gate) -> Any:
 
 
 @pytest.fixture
-def gate() -> Gate:
-    return Gate()
-
-
-@pytest.fixture
 def srv(serve: Any, gate: Gate) -> Any:
     return serve(agent=make_agent(gate))
 
