@@ -1,11 +1,10 @@
 """Naive "interrupt" peer: close the SSE request, then POST the new message.
 
-``POST /chat`` returns an SSE ``StreamingResponse`` whose async generator sleeps
-``interval`` and then yields a token (the same shape as bench.agents'
-async_streamer: the first token comes one interval after the request). The stop
-is Starlette's disconnect handling, as in bench/peers/sse_disconnect.py
-(``listen_for_disconnect`` cancels the iterator; ``is_disconnected()`` is
-checked before each yield as well).
+The server is bench/peers/sse_disconnect.py's app, asked to sleep ``interval``
+before each token (the same shape as bench.agents' async_streamer: the first
+token comes one interval after the request). The stop is Starlette's disconnect
+handling (``listen_for_disconnect`` cancels the iterator; ``is_disconnected()``
+is checked before each yield as well).
 
 The client's "interrupt" of stream A with message B: close A's HTTP request,
 then POST B on a new request. Measured per trial, from t0 = the moment A is
@@ -23,15 +22,9 @@ import uuid
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.routing import Route
 
 from bench.peers._harness import (
-    record_routes,
     SSEReader,
-    StreamRecord,
     fetch_record,
     peer_server,
     percentile,
@@ -40,49 +33,11 @@ from bench.peers._harness import (
     wait_warm,
 )
 
-RECORDS: dict[str, StreamRecord] = {}
-
-
-async def chat(request: Request) -> StreamingResponse:
-    body = await request.json()
-    sid: str = body.get("id") or uuid.uuid4().hex
-    interval: float = float(body.get("interval", 0.01))
-    max_tokens: int = int(body.get("max_tokens", 100_000))
-    rec = RECORDS[sid] = StreamRecord()
-
-    async def event_generator():
-        try:
-            for i in range(max_tokens):
-                await asyncio.sleep(interval)  # "the model produces the next token"
-                if await request.is_disconnected():
-                    rec.noticed("is_disconnected")
-                    break
-                rec.yield_ns.append(time.monotonic_ns())
-                yield f"data: tok{i}\n\n"
-        except asyncio.CancelledError:
-            rec.noticed("cancelled")
-            raise
-        except GeneratorExit:
-            rec.noticed("closed")
-            raise
-        finally:
-            rec.finished_ns = time.monotonic_ns()
-
-    return StreamingResponse(event_generator(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Stream-Id": sid})
-
-
-app = Starlette(routes=[
-    Route("/chat", chat, methods=["POST"]),
-    *record_routes(RECORDS),
-])
-
-
 async def _trial(client: httpx.AsyncClient, base: str, interval_s: float, warm: int,
                  timeout_s: float) -> dict[str, Any]:
     sid_a, sid_b = uuid.uuid4().hex, uuid.uuid4().hex
     resp_a = await client.send(client.build_request(
-        "POST", f"{base}/chat", json={"id": sid_a, "interval": interval_s}), stream=True)
+        "POST", f"{base}/chat", json={"id": sid_a, "interval": interval_s, "sleep_first": True}), stream=True)
     reader_a = SSEReader(resp_a)
     recv_a: list[int] = []
     warm_ev = asyncio.Event()
@@ -96,7 +51,7 @@ async def _trial(client: httpx.AsyncClient, base: str, interval_s: float, warm: 
         await asyncio.wait({task})
         await resp_a.aclose()
         resp_b = await client.send(client.build_request(
-            "POST", f"{base}/chat", json={"id": sid_b, "interval": interval_s}), stream=True)
+            "POST", f"{base}/chat", json={"id": sid_b, "interval": interval_s, "sleep_first": True}), stream=True)
         reader_b = SSEReader(resp_b)
         try:
             resp_b.raise_for_status()
@@ -128,7 +83,7 @@ async def _trial(client: httpx.AsyncClient, base: str, interval_s: float, warm: 
 
 async def measure(trials: int, interval_s: float, warm: int = 3, *, timeout_s: float = 5.0) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    async with peer_server("bench.peers.naive_resend:app") as base:
+    async with peer_server("bench.peers.sse_disconnect:app") as base:
         limits = httpx.Limits(max_keepalive_connections=4)
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0), limits=limits) as client:
             for _ in range(trials):

@@ -63,18 +63,24 @@ async def chat(request: Request) -> StreamingResponse:
     sid: str = body.get("id") or uuid.uuid4().hex
     interval: float = float(body.get("interval", 0.05))
     max_tokens: int = int(body.get("max_tokens", 1000))
+    # The model's time for a token: after each token, or (to match turnline's
+    # benchmark agent, for bench.interrupt) before each one, the first included.
+    sleep_first: bool = bool(body.get("sleep_first", False))
     rec = RECORDS[sid] = StreamRecord()
 
     async def event_generator():
         try:
             for i in range(max_tokens):
+                if sleep_first:
+                    await asyncio.sleep(interval)
                 # --- the pattern: check before each yield -------------------
                 if await request.is_disconnected():
                     rec.noticed("is_disconnected")
                     break
                 rec.yield_ns.append(time.monotonic_ns())
                 yield f"data: tok{i}\n\n"
-                await asyncio.sleep(interval)  # "the model produces the next token"
+                if not sleep_first:
+                    await asyncio.sleep(interval)  # "the model produces the next token"
         except asyncio.CancelledError:
             rec.noticed("cancelled")  # Starlette's listen_for_disconnect cancelled us
             raise
