@@ -15,10 +15,10 @@ import inspect
 import logging
 import time
 import uuid
-
-import msgspec
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import msgspec
 
 from ..core.session import InvariantError, Session
 from ..protocol import (
@@ -313,12 +313,10 @@ class SessionHub:
         # so a rejected stop changes nothing whichever came first.
         asked = [t for t in match.matched + match.revisable + match.queued if owned(t)]
         approved = True
-        hook = self.runtime.agent.on_cancel if self.runtime.agent else None
-        if hook is not None and asked:
-            verdict = hook(CancelRequest(self.session_id, requester, flt, list(asked),
-                                         {t: match.owners[t] for t in asked}, seen))
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
+        if asked:
+            seq_before = self.state.last_seq
+            approved = await self._ask_on_cancel(requester, flt, {t: match.owners[t] for t in asked}, seen)
+            if self.state.last_seq != seq_before:
                 # The log moved on while the hook decided: a turn may have
                 # ended (the stop now races its end: a revision), been
                 # cancelled by someone else, or left the queue. Match again,
@@ -327,7 +325,6 @@ class SessionHub:
                 match.matched = [t for t in match.matched if t in asked or not owned(t)]
                 match.revisable = [t for t in match.revisable if t in asked]
                 match.queued = [t for t in match.queued if t in asked]
-            approved = bool(verdict)
         allowed = [t for t in match.matched if owned(t)] if approved else []
         revisable = [t for t in match.revisable if owned(t)] if approved else []
         queued = [t for t in match.queued if owned(t)] if approved else []
@@ -359,6 +356,18 @@ class SessionHub:
         if queued:
             self._start_next_queued()
         return result, fut
+
+    async def _ask_on_cancel(self, requester: str, flt: CancelFilter, owners: dict[str, str],
+                             seen: int | None) -> bool:
+        """The agent's ``on_cancel`` verdict on stopping the turns of ``owners``
+        (True when it has no such hook)."""
+        hook = self.runtime.agent.on_cancel if self.runtime.agent else None
+        if hook is None:
+            return True
+        verdict = hook(CancelRequest(self.session_id, requester, flt, list(owners), owners, seen))
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
 
     # ------------------------------------------------------------ turns
 
@@ -404,13 +413,9 @@ class SessionHub:
             return
         allowed = pending.requester == turn.owner or turn.turn_id in self._privileged_pending
         self._privileged_pending.discard(turn.turn_id)
-        hook = self.runtime.agent.on_cancel if self.runtime.agent else None
-        if allowed and hook is not None:
-            verdict = hook(CancelRequest(self.session_id, pending.requester, CancelFilter(turn_id=turn.turn_id),
-                                         [turn.turn_id], {turn.turn_id: turn.owner}, pending.seen))
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-            allowed = bool(verdict)
+        if allowed:
+            allowed = await self._ask_on_cancel(pending.requester, CancelFilter(turn_id=turn.turn_id),
+                                                {turn.turn_id: turn.owner}, pending.seen)
         if turn.reason is not None or not self.state.is_active(turn.turn_id):
             return
         if allowed:

@@ -450,12 +450,7 @@ class TurnlineApp:
             hub = await self.existing_hub(session)
             result, durable = await hub.cancel(who.client_id, flt, body.seen, may_cancel_others=others)
             await durable
-            # The cancel-result event, every field present (the log's encoding
-            # omits empty lists; an HTTP caller should not have to know that).
-            payload = msgspec.to_builtins(result)
-            for name in ("cancelled", "rejected", "pending"):
-                payload.setdefault(name, [])
-            return JSONResponse(payload)
+            return Response(encode(result), media_type="application/json")
         return await self._guard(request, run)
 
     async def get_events(self, request: Request) -> Response:
