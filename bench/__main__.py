@@ -11,7 +11,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["cancel_latency", "interrupt"]
+BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store"]
 
 
 def _cancel_latency(quick: bool) -> None:

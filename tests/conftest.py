@@ -105,3 +105,21 @@ def gate() -> Any:
     from wsraw import Gate  # tests/integration is on sys.path for its own modules
 
     return Gate()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Any:
+    """A reachable Redis (the local one, else a throwaway server): tests/redis_server.py."""
+    from redis_server import redis_for_tests
+
+    with redis_for_tests() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Any:
+    """A random key prefix for this test; its keys are deleted afterwards."""
+    from redis_server import scratch_prefix
+
+    with scratch_prefix(redis_url) as prefix:
+        yield prefix

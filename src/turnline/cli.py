@@ -22,6 +22,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+DEMO_AGENT = "turnline.agent.demo:agent"
+
+
 def load_agent(spec: str):  # type: ignore[no-untyped-def]
     from .agent import as_agent
 
@@ -50,8 +53,9 @@ def main() -> None:
 @click.option("--port", default=8787, show_default=True, type=int)
 @click.option("--store", "store_url", default="sqlite:///turnline.db", show_default=True,
               help="memory://, sqlite:///PATH or redis://HOST:PORT")
-@click.option("--agent", "agent_spec", default="turnline.agent.demo:agent", show_default=True,
-              help="module:attr of a turnline.Agent or a function taking a Turn")
+@click.option("--agent", "agent_spec", default=None,
+              help="module:attr of a turnline.Agent or a function taking a Turn [default: the demo agent; "
+              "on redis:// none: a gateway only, unless given, when it runs a worker in-process too]")
 @click.option("--secret", default=None, help="JWT signing secret (else TURNLINE_SECRET, else a dev secret)")
 @click.option("--dev/--no-dev", default=None, help="dev mode: a dev token is printed and /v1/dev/token mints "
               "short-lived tokens. Default: on for a loopback host, off otherwise.")
@@ -63,9 +67,17 @@ def main() -> None:
               help="seconds an aborted handler may take before its turn is ended for it")
 @click.option("--sqlite-synchronous", default="NORMAL", show_default=True,
               type=click.Choice(["NORMAL", "FULL"]), help="NORMAL survives a process crash; FULL a power loss")
+@click.option("--aisdk-cancel-on-disconnect", is_flag=True, default=False,
+              help="a dropped /api/chat fetch (the AI SDK's stop()) cancels its turn; by default it "
+              "cancels nothing and the client resumes")
+@click.option("--lease-ms", default=3000, show_default=True, type=int,
+              help="redis:// only: the in-process worker's session lease (see `turnline worker`)")
+@click.option("--voice/--no-voice", default=False, show_default=True,
+              help="run the voice pipeline: audio over the WebSocket, espeak-ng speech, barge-in (docs/voice.md)")
 @click.option("--log-level", default="info", show_default=True)
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
-          policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str, log_level: str) -> None:
+          policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
+          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, log_level: str) -> None:
     """Run the server with an agent."""
     import uvicorn
 
@@ -80,21 +92,106 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     kind, where = parse_store_url(store_url)
     options = {"synchronous": sqlite_synchronous} if kind == "sqlite" else {}
     store = open_store(store_url, **options)
-    agent = load_agent(agent_spec)
-    runtime = Runtime(store, agent, RuntimeConfig(default_policy=policy, queue_limit=queue_limit,
-                                                  abort_grace_s=abort_grace))
-    app = create_app(runtime, ServerConfig(secret=key, dev=dev))
+    if kind == "redis":
+        agent_spec, runtime = _gateway(store, agent_spec, RuntimeConfig(
+            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace), lease_ms)
+    else:
+        agent_spec = agent_spec or DEMO_AGENT
+        runtime = Runtime(store, load_agent(agent_spec), RuntimeConfig(
+            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace))
+    app = create_app(runtime, ServerConfig(secret=key, dev=dev,
+                                           aisdk_cancel_on_disconnect=aisdk_cancel_on_disconnect))
     url = f"http://{host}:{port}/"
     click.echo(f"turnline serving {url}")
     click.echo(f"  store:  {kind} {os.path.abspath(where) if kind == 'sqlite' else where or ''}".rstrip())
-    click.echo(f"  agent:  {agent_spec}")
+    click.echo(f"  agent:  {agent_spec or 'none (a gateway: workers run the turns)'}")
     click.echo(f"  policy: {policy}")
+    if voice:
+        from .voice import install_voice
+
+        install_voice(app)
+        click.echo("  voice:  on (espeak-ng speech, webrtcvad barge-in, transcripts from the client)")
     if dev:
         token = mint(key, "dev", {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 24 * 3600)
         click.echo(f"  DEV MODE: secret from {source}; POST /v1/dev/token?sub=NAME mints 15-minute tokens.")
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on")
+
+
+def _gateway(store, agent_spec: str | None, config, lease_ms: int):  # type: ignore[no-untyped-def]
+    """``serve`` on Redis: a gateway, plus an in-process worker when an agent is named."""
+    from .agent import Runtime
+    from .agent.cluster import ClusterConfig, ClusterWorker
+    from .server.gateway import RemoteRuntime
+
+    cluster = ClusterConfig(lease_ms=lease_ms)
+    worker = None
+    if agent_spec:
+        worker = ClusterWorker(Runtime(store, load_agent(agent_spec), config), store, cluster)
+    return agent_spec, RemoteRuntime(store, cluster, config=config, worker=worker)
+
+
+@main.command()
+@click.option("--store", "store_url", required=True,
+              help="redis://HOST:PORT[/DB][?prefix=…], shared with the gateways")
+@click.option("--agent", "agent_spec", required=True,
+              help="module:attr of a turnline.Agent or a function taking a Turn")
+@click.option("--policy", default="concurrent", show_default=True,
+              type=click.Choice(["concurrent", "queue", "interrupt", "reject", "rollback"]),
+              help="default double-texting policy (workers decide it; give every worker the same)")
+@click.option("--queue-limit", default=16, show_default=True, type=int)
+@click.option("--abort-grace", default=2.0, show_default=True, type=float,
+              help="seconds an aborted handler may take before its turn is ended for it")
+@click.option("--lease-ms", default=3000, show_default=True, type=int,
+              help="a session's lease; a dead worker's turns end (worker_lost) within it plus --reaper-ms")
+@click.option("--reaper-ms", default=500, show_default=True, type=int,
+              help="how often to look for sessions whose worker stopped renewing its lease")
+@click.option("--concurrency", default=256, show_default=True, type=int,
+              help="busy sessions (running or queued turns) this worker takes from the dispatch stream at once")
+@click.option("--idle-release", default=30.0, show_default=True, type=float,
+              help="seconds after which a session with nothing running or queued is let go")
+@click.option("--id", "worker_id", default=None, help="worker id (default: w<pid>-<random>)")
+@click.option("--log-level", default="info", show_default=True)
+def worker(store_url: str, agent_spec: str, policy: str, queue_limit: int, abort_grace: float, lease_ms: int,
+           reaper_ms: int, concurrency: int, idle_release: float, worker_id: str | None, log_level: str) -> None:
+    """Run an agent worker for gateways on Redis (`turnline serve --store redis://…`)."""
+    import asyncio
+    import signal
+
+    from .agent import Runtime, RuntimeConfig
+    from .agent.cluster import ClusterConfig, ClusterWorker
+    from .protocol import is_valid_id
+    from .store import open_store, parse_store_url
+
+    if parse_store_url(store_url)[0] != "redis":
+        raise click.BadParameter("workers share a redis:// store with the gateways", param_hint="--store")
+    if lease_ms < 100 or reaper_ms < 10:
+        raise click.BadParameter("--lease-ms must be at least 100 and --reaper-ms at least 10")
+    if worker_id is not None and not is_valid_id(worker_id):
+        raise click.BadParameter("letters, digits and . _ : - only", param_hint="--id")
+    agent = load_agent(agent_spec)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = RuntimeConfig(default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace)
+    cluster = ClusterConfig(lease_ms=lease_ms, reaper_interval_s=reaper_ms / 1000, concurrency=concurrency,
+                            idle_release_s=idle_release)
+
+    async def run() -> None:
+        store = open_store(store_url)
+        await store.open()
+        node = ClusterWorker(Runtime(store, agent, config), store, cluster, worker=worker_id)
+        await node.start()
+        click.echo(f"turnline worker {node.id}: agent {agent_spec}, lease {lease_ms} ms, "
+                   f"worker_lost within {cluster.worker_lost_bound_s:g} s")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await node.close()
+        await store.close()
+
+    asyncio.run(run())
 
 
 @main.command()

@@ -15,9 +15,11 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 
-ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("chat-1\n").
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}\Z"
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
-Seq = Annotated[int, msgspec.Meta(ge=0)]
+SEQ_MAX = 2**63 - 1  # a seq is a signed 64-bit integer in every store
+Seq = Annotated[int, msgspec.Meta(ge=0, le=SEQ_MAX)]
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -48,6 +50,13 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"
     WORKER_LOST = "worker_lost"
     AGENT_ERROR = "agent_error"
+    # A turn ended by its LLM provider (turnline.agent.providers; docs/providers.md).
+    PROVIDER_AUTH = "provider_auth"
+    PROVIDER_RATE_LIMITED = "provider_rate_limited"
+    PROVIDER_BAD_REQUEST = "provider_bad_request"
+    PROVIDER_ERROR = "provider_error"
+    PROVIDER_STREAM_BROKEN = "provider_stream_broken"
+    PROVIDER_UNREACHABLE = "provider_unreachable"
 
 
 ALL_ERROR_CODES = (
@@ -185,9 +194,18 @@ class TurnRevised(Event, tag="turn-revised"):
     message: Message
 
 
+class Compacted(Event, tag="compacted"):
+    """Extension: stands for the events ``first``..``seq`` that retention
+    removed from the log (chunks of turns that ended long ago; each such turn's
+    ``turn-end`` holds its folded message). Never stored: a store's read puts
+    one where the log has a hole, so a reader can tell compaction from loss."""
+
+    first: int
+
+
 AnyEvent = Union[
     MessageEvent, TurnStart, ChunkEvent, TurnEnd, CancelEvent, CancelResult,
-    Queued, Rejected, Presence, SpeechInterrupted, TurnRevised,
+    Queued, Rejected, Presence, SpeechInterrupted, TurnRevised, Compacted,
 ]
 
 # ---------------------------------------------------------------- client frames
@@ -241,14 +259,46 @@ class Played(ClientFrame, tag="played"):
     session: Id
     turn_id: Id
     ms: Seq
+    # Extension: playback of this turn stopped here for good (after an ``interrupted`` signal).
+    final: bool = False
+
+
+# Voice extensions (docs/protocol.md, "Voice"). Reasons are free strings.
+SpeechReason = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+HistoryPolicy = Literal["keep-heard", "keep-generated"]
+
+
+class VoiceStart(ClientFrame, tag="voice-start"):
+    session: Id
+    history: HistoryPolicy | None = None
+    options: dict[str, Any] | None = None
+
+
+class VoiceStop(ClientFrame, tag="voice-stop"):
+    session: Id
+
+
+class Transcript(ClientFrame, tag="transcript"):
+    session: Id
+    text: Annotated[str, msgspec.Meta(max_length=16_384)]
+    final: bool = True
+
+
+class Interrupt(ClientFrame, tag="interrupt"):
+    session: Id
+    mode: Literal["speech", "response"] = "speech"
+    reason: SpeechReason = "client_request"
 
 
 class Ping(ClientFrame, tag="ping"):
     pass
 
 
-AnyClientFrame = Union[Subscribe, Unsubscribe, Send, Regenerate, Cancel, Played, Ping]
-CLIENT_OPS = ("subscribe", "unsubscribe", "send", "regenerate", "cancel", "played", "ping")
+VOICE_FRAMES = (Played, VoiceStart, VoiceStop, Transcript, Interrupt)
+AnyClientFrame = Union[Subscribe, Unsubscribe, Send, Regenerate, Cancel, Played, Ping,
+                       VoiceStart, VoiceStop, Transcript, Interrupt]
+CLIENT_OPS = ("subscribe", "unsubscribe", "send", "regenerate", "cancel", "played", "ping",
+              "voice-start", "voice-stop", "transcript", "interrupt")
 
 # ---------------------------------------------------------------- codecs
 
@@ -280,6 +330,28 @@ class FrameError(Exception):
         self.frame_id = frame_id
 
 
+MAX_NESTING = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_exceeds(data: bytes | str, limit: int = MAX_NESTING) -> bool:
+    """Whether JSON nests deeper than ``limit``. Accepted input must decode
+    again wherever it is read: msgspec's depth limit is the Python stack's, so
+    a frame one server barely decoded could make the session unreadable to
+    another (or to the same one after a restart)."""
+    if isinstance(data, str):
+        data = data.encode()
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth = 0
+    for b in _JSON_STRING.sub(b'""', data).translate(None, _NOT_BRACKETS):
+        depth += 1 if b in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
 def decode_frame(data: bytes | str, max_size: int) -> AnyClientFrame:
     """Decode one client frame, or raise :class:`FrameError` with a stable code.
 
@@ -289,12 +361,18 @@ def decode_frame(data: bytes | str, max_size: int) -> AnyClientFrame:
     if len(data) > max_size:
         raise FrameError(ErrorCode.TOO_LARGE, f"frame is {len(data)} bytes; the limit is {max_size}")
     try:
-        return _frame_decoder.decode(data)
+        frame = _frame_decoder.decode(data)
     except msgspec.DecodeError as typed_error:
         detail = str(typed_error)
+    except (RecursionError, UnicodeDecodeError) as exc:  # nested too deeply; bytes that are not UTF-8
+        raise FrameError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
+    else:
+        if nesting_exceeds(data):
+            raise FrameError(ErrorCode.BAD_FRAME, f"JSON nested deeper than {MAX_NESTING} levels", frame.id)
+        return frame
     try:
         raw = _any_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise FrameError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "a frame is a JSON object")

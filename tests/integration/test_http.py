@@ -152,6 +152,20 @@ async def test_post_messages_returns_ids_once_durable(srv: Any, gate: Gate) -> N
     await ws.close()
 
 
+async def test_history_shows_a_question_whose_answer_is_still_streaming(srv: Any, gate: Gate) -> None:
+    ws = await observer(srv)
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        gate.close(srv)
+        turn_id = (await post(client, srv, S, [user("hold", "m-first")]))["turn_ids"][0]
+        h = await client.get(f"{srv.http}/v1/sessions/{S}/messages", headers=auth(srv))
+        assert [m["id"] for m in h.json()["messages"]] == ["m-first"]  # a reload mid-turn keeps the question
+        gate.open(srv)
+        end = await ws.turn_end(S, turn_id)
+        h = await client.get(f"{srv.http}/v1/sessions/{S}/messages", headers=auth(srv))
+        assert [m["id"] for m in h.json()["messages"]] == ["m-first", end["message"]["id"]]
+    await ws.close()
+
+
 async def test_post_messages_queue_policy_returns_the_queued_turn(srv: Any, gate: Gate) -> None:
     ws = await observer(srv)
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:

@@ -178,3 +178,131 @@ async def test_acknowledged_events_survive_kill_and_recovery_ends_turns_once(tmp
             await ws.close()
     finally:
         await server.stop()
+
+
+async def test_many_clients_resume_from_their_cursors_after_kill_and_lose_no_ack(tmp_path: Path) -> None:
+    """Three WebSocket clients and one SSE reader on two sessions. While two
+    slow turns stream, the writers pipeline sends (acks racing the kill) and
+    one posts over HTTP; the server is SIGKILLed mid-stream and restarted.
+    Each reader resumes from *its own* cursor (``after=last seq``, or
+    ``Last-Event-ID``): what it had plus what it gets is the log exactly (no
+    gap, no duplicate, byte-identical), and every ack any client got before the
+    kill names something in the log."""
+    server = Server(tmp_path, str(tmp_path / "many.db"))
+    sessions = ["crash-a", "crash-b"]
+    tokens = {n: mint(SECRET, n, {"*": ["subscribe", "publish", "cancel"]}, 600) for n in ("ann", "ben", "cy")}
+    try:
+        async with asyncio.timeout(90):
+            await server.start()
+            http = f"http://127.0.0.1:{server.port}"
+            clients = {n: await RawWS.open(server.ws, t) for n, t in tokens.items()}
+            for ws in clients.values():
+                for s in sessions:
+                    await ws.subscribe(s, after=0)
+            slow = [(await clients["ann"].ok(text(s, "slow " + s)))["turn_ids"][0] for s in sessions]
+            sse_events: list[tuple[int, dict[str, Any]]] = []
+            sse_ready = asyncio.Event()
+
+            async def sse_reader() -> None:
+                async with httpx.AsyncClient(timeout=None) as c:
+                    async with c.stream("GET", f"{http}/v1/sessions/{sessions[0]}/events?after=0",
+                                        headers={"authorization": f"Bearer {tokens['cy']}"}) as r:
+                        buf = b""
+                        async for chunk in r.aiter_raw():
+                            sse_ready.set()
+                            buf += chunk
+                            while b"\n\n" in buf:
+                                block, buf = buf.split(b"\n\n", 1)
+                                fields = dict(line.split(": ", 1) for line in block.decode().splitlines()
+                                              if not line.startswith(":"))
+                                if "data" in fields:
+                                    sse_events.append((int(fields["id"]), json.loads(fields["data"])))
+
+            sse_task = asyncio.ensure_future(sse_reader())
+            await asyncio.wait_for(sse_ready.wait(), TIMEOUT)
+            await clients["ben"].wait_until(lambda: all(
+                len(clients["ben"].find(s, "chunk", turn_id=t)) >= 20 for s, t in zip(sessions, slow)),
+                TIMEOUT, "both slow turns streaming")
+            # Pipelined sends: acks keep arriving while the kill lands.
+            sent: list[tuple[str, Any]] = []
+            for i in range(30):
+                for n in ("ben", "cy"):
+                    sent.append((n, await clients[n].send(text(sessions[i % 2], f"quick {n} {i}"))))
+            async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+                r = await c.post(f"{http}/v1/sessions/{sessions[1]}/messages",
+                                 json={"messages": [{"parts": [{"type": "text", "text": "over http"}]}]},
+                                 headers={"authorization": f"Bearer {tokens['ann']}"})
+                assert r.status_code == 200, r.text
+                http_ack = r.json()
+            await clients["ben"].wait_until(lambda: len(clients["ben"].replies) >= 5, TIMEOUT, "some acks")
+            await server.kill()
+            for ws in clients.values():
+                await ws.wait_until(lambda ws=ws: ws.closed is not None, TIMEOUT, "the drop")
+            sse_task.cancel()
+            acks = [clients[n].replies[fid] for n, fid in sent if fid in clients[n].replies] + [http_ack]
+            assert all(a.get("op", "ack") == "ack" for a in acks), acks
+            before = {n: {s: list(ws.events[s]) for s in sessions} for n, ws in clients.items()}
+            for n, per in before.items():
+                for s in sessions:
+                    assert_gapless(per[s])
+            assert [seq for seq, _ in sse_events] == list(range(1, len(sse_events) + 1))
+
+            await server.start()
+            http = f"http://127.0.0.1:{server.port}"
+            resumed = {n: await RawWS.open(server.ws, t) for n, t in tokens.items()}
+            for n, ws in resumed.items():
+                for s in sessions:
+                    had = before[n][s]
+                    await ws.subscribe(s, after=had[-1]["seq"] if had else 0)
+            for s, t in zip(sessions, slow):  # recovery ends the orphaned turns, once
+                await resumed["ann"].turn_end(s, t, TIMEOUT)
+            logs = {}
+            for s in sessions:
+                # Once every turn has ended the log is quiet: read it whole from a fresh subscriber.
+                reader = await RawWS.open(server.ws, tokens["ann"])
+                await resumed["ann"].wait_until(lambda s=s: _all_ended(before["ann"][s] + resumed["ann"].events[s]),
+                                                TIMEOUT, f"every turn of {s} ended")
+                ack = await reader.subscribe(s, after=0)
+                await reader.wait_until(lambda s=s: len(reader.events[s]) >= ack["last_seq"], TIMEOUT, "replay")
+                logs[s] = list(reader.events[s])
+                await reader.close()
+                assert_gapless(logs[s])
+            for n, ws in resumed.items():
+                for s in sessions:
+                    await ws.wait_until(lambda ws=ws, n=n, s=s: len(before[n][s]) + len(ws.events[s]) >= len(logs[s]),
+                                        TIMEOUT, f"{n} resumed {s}")
+                    joined = before[n][s] + ws.events[s]
+                    assert [json.dumps(e) for e in joined] == [json.dumps(e) for e in logs[s]], (n, s)
+            # The SSE reader resumes with Last-Event-ID the same way.
+            last_id = sse_events[-1][0] if sse_events else 0
+            async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+                got: list[dict[str, Any]] = []
+                async with c.stream("GET", f"{http}/v1/sessions/{sessions[0]}/events?after=0",
+                                    headers={"authorization": f"Bearer {tokens['cy']}",
+                                             "last-event-id": str(last_id)}) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            got.append(json.loads(line[6:]))
+                            if got[-1]["seq"] == logs[sessions[0]][-1]["seq"]:
+                                break
+            assert [e for _, e in sse_events] + got == logs[sessions[0]]
+            # Every acknowledged send is in the log.
+            everything = logs[sessions[0]] + logs[sessions[1]]
+            ids = {e["message"]["id"] for e in everything if e["type"] == "message"}
+            starts = {e["turn_id"] for e in everything if e["type"] == "turn-start"}
+            for a in acks:
+                assert set(a["message_ids"]) <= ids and set(a["turn_ids"]) <= starts, a
+            for s in sessions:
+                ends = [e["turn_id"] for e in logs[s] if e["type"] == "turn-end"]
+                assert len(ends) == len(set(ends)) and set(ends) == {e["turn_id"] for e in logs[s]
+                                                                     if e["type"] == "turn-start"}
+            for ws in resumed.values():
+                await ws.close()
+    finally:
+        await server.stop()
+
+
+def _all_ended(events: list[dict[str, Any]]) -> bool:
+    started = {e["turn_id"] for e in events if e["type"] == "turn-start"}
+    ended = {e["turn_id"] for e in events if e["type"] == "turn-end"}
+    return bool(started) and started <= ended

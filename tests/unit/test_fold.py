@@ -54,6 +54,16 @@ def test_reasoning_start_delta_end_and_provider_metadata() -> None:
 
 
 @pytest.mark.parametrize("kind", ["text", "reasoning"])
+def test_provider_metadata_of_a_later_delta_or_end_replaces_the_start_s(kind: str) -> None:
+    parts = parts_of([
+        {"type": f"{kind}-start", "id": "r", "providerMetadata": {"a": {"v": 1}}},
+        {"type": f"{kind}-delta", "id": "r", "delta": "x", "providerMetadata": {"a": {"v": 2}}},
+        {"type": f"{kind}-end", "id": "r", "providerMetadata": {"anthropic": {"signature": "sig"}}},
+    ])
+    assert parts[0]["providerMetadata"] == {"anthropic": {"signature": "sig"}}
+
+
+@pytest.mark.parametrize("kind", ["text", "reasoning"])
 def test_a_delta_without_its_start_is_ignored_never_invented(kind: str) -> None:
     f = fold([
         {"type": f"{kind}-delta", "id": "nope", "delta": "ghost"},

@@ -874,6 +874,28 @@ async def test_queue_policy_runs_turns_in_order(make_runtime) -> None:
     assert [m.role for m in hub.state.branch()] == ["user", "assistant"] * 3
 
 
+async def test_a_resent_queued_message_is_a_conflict_not_a_second_entry(make_runtime) -> None:
+    gate = asyncio.Event()
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("ok")
+        await gate.wait()
+
+    rt = make_runtime(respond, default_policy="queue")
+    hub = await rt.hub("s")
+    await send(hub, "first")
+    msg = user_message("again", id="m-q")
+    outcome, fut = await hub.send("alice", [msg])
+    await fut
+    with pytest.raises(runtime_module.CommandError) as err:  # a client re-sending after a drop
+        await hub.send("alice", [msg])
+    assert err.value.code == "conflict"
+    assert [q.message_id for q in hub.state.queue] == ["m-q"]
+    gate.set()
+    await wait_end(hub, outcome.queued[0])
+    assert hub.state.turns[outcome.queued[0]].reason == "complete"
+
+
 async def test_interrupt_cancels_own_turns_and_tail_chunks_stay_on_the_old_turn(make_runtime) -> None:
     aborted = asyncio.Event()
     release_tail = asyncio.Event()

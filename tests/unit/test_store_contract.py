@@ -4,6 +4,10 @@ Invariant 1 (order: every follower sees seq order, no gap, no duplicate, across
 any ``after=`` cursor) and invariant 10 (nothing acknowledged is lost, SQLite
 part; the kill -9 half is tests/integration/test_sqlite_crash.py).
 
+The generic tests run over memory, SQLite and Redis (a real server: the
+``redis_url`` fixture; Redis-only behaviour is in
+tests/integration/test_redis_store.py).
+
 Ordering between tasks is controlled with events and queues; the only yields
 are ``asyncio.sleep(0)`` (one loop iteration), never timed sleeps. Every wait
 is bounded by ``asyncio.timeout``.
@@ -21,6 +25,7 @@ from turnline.protocol import ChunkEvent, TurnStart
 from turnline.store import MemoryEventLog, StoreError, open_store
 from turnline.store import base
 from turnline.store.base import EventLog, Record
+from turnline.store.redis import RedisEventLog
 from turnline.store.sqlite import SQLiteEventLog
 
 WAIT = 10.0  # seconds: generous bound for anything that should take milliseconds
@@ -38,9 +43,15 @@ def seqs(records: list[Record]) -> list[int]:
     return [r.seq for r in records]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request, tmp_path) -> AsyncIterator[EventLog]:
-    log: EventLog = MemoryEventLog() if request.param == "memory" else SQLiteEventLog(str(tmp_path / "log.db"))
+    log: EventLog
+    if request.param == "memory":
+        log = MemoryEventLog()
+    elif request.param == "sqlite":
+        log = SQLiteEventLog(str(tmp_path / "log.db"))
+    else:
+        log = RedisEventLog(request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix"))
     await log.open()
     try:
         yield log
@@ -132,6 +143,8 @@ async def test_concurrent_appends_complete_and_publish_in_call_order(store: Even
     # log), but followers stay on the cheap live path only if the feed gets
     # commits in seq order, and callers see acknowledgements in call order.
     listener = store.feed.subscribe("s")
+    if isinstance(store, RedisEventLog):
+        await store.feed_synced("s")  # the live feed reads "s" from Redis from here on
     try:
         done: list[int] = []
         tasks = []
@@ -192,6 +205,8 @@ async def test_read_pages_through_a_long_log(store: EventLog, monkeypatch) -> No
     if isinstance(store, SQLiteEventLog):
         # Make the SQLite store's internal chunking kick in on a small log.
         monkeypatch.setattr("turnline.store.sqlite.READ_CHUNK", 7)
+    if isinstance(store, RedisEventLog):
+        monkeypatch.setattr("turnline.store.redis.READ_CHUNK", 7)
     for i in range(0, 100, 10):
         await store.append("s", [ev(str(n)) for n in range(i + 1, i + 11)])
     assert seqs(await store.read("s")) == list(range(1, 101))

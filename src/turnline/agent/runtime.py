@@ -25,7 +25,7 @@ from ..protocol import (
     AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, ErrorCode, ErrorInfo, Message,
     MessageEvent, MessageIn, Presence, Queued, Rejected, TurnEnd, TurnRevised, TurnStart, encode,
 )
-from ..store.base import EventLog, Record
+from ..store.base import EventLog, Record, StoreError
 from .metrics import Metrics
 from .turn import Agent, CancelRequest, Turn, message_from_input
 
@@ -51,6 +51,8 @@ class RuntimeConfig:
     abort_grace_s: float = 2.0
     tool_cancel_text: str = "cancelled"
     max_outbox: int = 2048
+    # The error message of a turn found running with no runner (recover()).
+    lost_message: str = "the server restarted while this turn ran"
 
 
 @dataclass
@@ -77,10 +79,13 @@ def new_id(prefix: str) -> str:
 
 
 class SessionHub:
-    def __init__(self, runtime: Runtime, session_id: str, state: Session):
+    def __init__(self, runtime: Runtime, session_id: str, state: Session, fence: str | None = None):
         self.runtime = runtime
         self.session_id = session_id
         self.state = state
+        # On many nodes: the lease token this hub writes under; a store that
+        # sees another token refuses the append (the hub is then retired).
+        self.fence = fence
         self.turns: dict[str, Turn] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._outbox: list[AnyEvent] = []
@@ -96,6 +101,12 @@ class SessionHub:
     @property
     def store(self) -> EventLog:
         return self.runtime.store
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, queued or waiting to be stored."""
+        return not (self.state.active or self.state.queue or self.turns or self._tasks or self._outbox
+                    or self._flushing)
 
     @property
     def metrics(self) -> Metrics:
@@ -134,7 +145,7 @@ class SessionHub:
         try:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                records = await self.store.append(self.session_id, batch)
+                records = await self.store.append(self.session_id, batch, fence=self.fence)
                 if records[0].seq != batch[0].seq:
                     raise InvariantError(
                         f"store assigned seq {records[0].seq}, expected {batch[0].seq}: another writer?")
@@ -150,17 +161,33 @@ class SessionHub:
                     self._drained = None
         except BaseException as exc:  # the state is now ahead of the log: retire this hub
             self.metrics.store_errors.inc()
-            log.exception("append failed for session %s", self.session_id)
-            self.broken = exc
-            for _, f in self._waiters:
-                if not f.done():
-                    f.set_exception(CommandError(ErrorCode.INTERNAL, f"store append failed: {exc}"))
-            self._waiters.clear()
-            self.runtime._retire(self)
-            for turn in list(self.turns.values()):
-                turn.abort_signal.abort("store_failed")
+            if isinstance(exc, StoreError):  # refused (e.g. fenced: another node owns the session now)
+                log.warning("append refused for session %s: %s", self.session_id, exc)
+            else:
+                log.exception("append failed for session %s", self.session_id)
+            self.retire(exc)
         finally:
             self._flushing = False
+
+    def retire(self, exc: BaseException) -> None:
+        """Stop writing: the log can no longer take this hub's events (the
+        store failed, or another node now owns the session). Waiters fail,
+        running turns are aborted here, and nothing more is appended."""
+        if self.broken is not None:
+            return
+        self.broken = exc
+        self._outbox.clear()
+        if self._drained is not None:
+            self._drained.set_result(None)
+            self._drained = None
+        for _, f in self._waiters:
+            if not f.done():
+                f.set_exception(CommandError(ErrorCode.INTERNAL, f"store append failed: {exc}"))
+                f.exception()  # logged above; most of these (a chunk's) have nobody waiting
+        self._waiters.clear()
+        self.runtime._retire(self)
+        for turn in list(self.turns.values()):
+            turn.abort_signal.abort("store_failed")
 
     async def backpressure(self) -> None:
         if len(self._outbox) >= self.runtime.config.max_outbox:
@@ -195,8 +222,10 @@ class SessionHub:
     # ------------------------------------------------------------ commands
 
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
-                   parent_id: str | None = None, steer: str | None = None,
-                   seen: int | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+                   parent_id: str | None = None, steer: str | None = None, seen: int | None = None,
+                   turn_id: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+        """``turn_id`` names the turn this send starts or queues (default: a
+        new id); a caller that may retry passes one, to recognise its retry."""
         state = self.state
         cfg = self.runtime.config
         if policy is not None and not cfg.allow_policy_override:
@@ -205,7 +234,8 @@ class SessionHub:
         if parent_id is not None and parent_id not in state.messages:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {parent_id} in session {self.session_id}")
         ids = [m.id or new_id("msg") for m in messages]
-        if len(set(ids)) != len(ids) or any(i in state.messages for i in ids):
+        queued_ids = {m.id for q in state.queue for m in q.messages}
+        if len(set(ids)) != len(ids) or any(i in state.messages or i in queued_ids for i in ids):
             raise CommandError(ErrorCode.CONFLICT, "a message with this id already exists")
         agent_id = self.runtime.agent_id
 
@@ -232,7 +262,7 @@ class SessionHub:
             # they waited for; a queued input cancelled meanwhile leaves no trace
             # in the tree for later ones to hang from.
             _, built = self._chain(requester, messages, ids, parent_id, None)
-            turn_id = new_id("turn")
+            turn_id = turn_id or new_id("turn")
             fut = self.emit([Queued(message_id=ids[-1], position=len(state.queue) + 1, turn_id=turn_id,
                                     messages=built, client_id=requester)])
             return SendOutcome(ids, queued=[turn_id]), fut
@@ -264,7 +294,7 @@ class SessionHub:
                     if t in self.turns:
                         wait_for.append(self.turns[t].ended)
         events, built = self._chain(requester, messages, ids, parent, None)
-        turn_id = new_id("turn")
+        turn_id = turn_id or new_id("turn")
         events.append(self._turn_start(turn_id, requester, ids[-1]))
         fut = self.emit(pre + events)
         self._launch(turn_id, wait_for)
@@ -287,14 +317,15 @@ class SessionHub:
         return TurnStart(turn_id=turn_id, owner=owner, input_id=input_id, message_id=_reply_for(turn_id),
                          client_id=self.runtime.agent_id)
 
-    async def regenerate(self, requester: str, message_id: str) -> tuple[SendOutcome, asyncio.Future[None]]:
+    async def regenerate(self, requester: str, message_id: str,
+                         turn_id: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
         msg = self.state.messages.get(message_id)
         if msg is None:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {message_id} in session {self.session_id}")
         input_id = msg.parent_id if msg.role == "assistant" else msg.id
         if input_id is None:
             raise CommandError(ErrorCode.CONFLICT, "this message has no input to regenerate from")
-        turn_id = new_id("turn")
+        turn_id = turn_id or new_id("turn")
         fut = self.emit([self._turn_start(turn_id, requester, input_id)])
         self._launch(turn_id, [])
         return SendOutcome([], started=[turn_id]), fut
@@ -443,7 +474,9 @@ class SessionHub:
             await self.end_turn(turn, "cancelled" if turn.aborted else "error",
                                 None if turn.aborted else "the turn was stopped by the server")
         except Exception as exc:
-            if turn.aborted:  # e.g. raise_if_aborted(), or the upstream failing as it is closed
+            if self.broken is not None:  # retired meanwhile (logged then): this turn's end is not ours to write
+                log.debug("turn %s of retired session %s stopped on %r", turn.turn_id, self.session_id, exc)
+            elif turn.aborted:  # e.g. raise_if_aborted(), or the upstream failing as it is closed
                 log.debug("turn %s of session %s stopped on %r after its abort", turn.turn_id, self.session_id, exc)
                 await self.end_turn(turn, "cancelled")
             else:
@@ -453,8 +486,8 @@ class SessionHub:
             self._tasks.pop(turn.turn_id, None)
 
     async def end_turn(self, turn: Turn, reason: str, error: BaseException | str | None = None) -> None:
-        if turn.reason is not None or not self.state.is_active(turn.turn_id):
-            return
+        if turn.reason is not None or not self.state.is_active(turn.turn_id) or self.broken is not None:
+            return  # (a retired hub writes nothing more: its session has a new writer, or none)
         if turn.aborted and reason == "complete":
             reason = "cancelled"  # the abort won the race; the handler finished anyway
         agent = self.runtime.agent
@@ -542,7 +575,7 @@ class SessionHub:
             self.turns[turn_id] = turn
             self.metrics.active_turns.inc()
             asyncio.ensure_future(self.end_turn(
-                turn, "error", CommandError(ErrorCode.WORKER_LOST, "the server restarted while this turn ran")))
+                turn, "error", CommandError(ErrorCode.WORKER_LOST, self.runtime.config.lost_message)))
         self._start_next_queued()
 
     async def shutdown(self) -> None:
@@ -582,7 +615,9 @@ class Runtime:
         self._hubs: dict[str, SessionHub] = {}
         self._loading: dict[str, asyncio.Future[SessionHub]] = {}
 
-    async def hub(self, session_id: str) -> SessionHub:
+    async def hub(self, session_id: str, *, fence: str | None = None) -> SessionHub:
+        """The session's hub, loaded on first use (replaying the log and
+        recovering turns that lost their runner). ``fence``: see SessionHub."""
         hub = self._hubs.get(session_id)
         if hub is not None:
             return hub
@@ -601,7 +636,7 @@ class Runtime:
                 for rec in page:
                     state.apply(rec.event())
                 after = page[-1].seq
-            hub = SessionHub(self, session_id, state)
+            hub = SessionHub(self, session_id, state, fence)
             self._hubs[session_id] = hub
             hub.recover()
             fut.set_result(hub)
@@ -615,6 +650,9 @@ class Runtime:
 
     def loaded(self, session_id: str) -> SessionHub | None:
         return self._hubs.get(session_id)
+
+    async def start(self) -> None:
+        """Start background work (the app calls it once the store is open)."""
 
     async def exists(self, session_id: str) -> bool:
         hub = self._hubs.get(session_id)

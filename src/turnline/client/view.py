@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import msgspec
 
-from ..core.session import InvariantError, Session, TurnState
+from ..core.session import InvariantError, Session, TurnState, continues
 from ..protocol import AnyEvent, Event, Message, MessageEvent, Rejected, TurnEnd, TurnRevised, TurnStart
 
 log = logging.getLogger("turnline.client")
@@ -118,7 +118,7 @@ class View:
         if ev.seq <= last:
             self.duplicates += 1
             return False
-        if ev.seq != last + 1:
+        if not continues(ev, last):  # a ``compacted`` event fills the hole it stands for
             self.gaps += 1
             raise GapError(last, ev.seq)
         try:

@@ -69,6 +69,14 @@ class MessageFold:
             self.ignored += 1
             return
         part["text"] += delta
+        self._take_provider_metadata(part, c)
+
+    @staticmethod
+    def _take_provider_metadata(part: dict[str, Any], c: dict[str, Any]) -> None:
+        # As the AI SDK does: a later chunk's metadata replaces the start's
+        # (Anthropic signs its thinking on reasoning-end).
+        if "providerMetadata" in c:
+            part["providerMetadata"] = c["providerMetadata"]
 
     def _close(self, table: dict[str, dict[str, Any]], c: dict[str, Any]) -> None:
         part = table.pop(str(c.get("id")), None)
@@ -76,6 +84,7 @@ class MessageFold:
             self.ignored += 1
             return
         part["state"] = "done"
+        self._take_provider_metadata(part, c)
 
     def _finish_step(self, _c: dict[str, Any]) -> None:
         # Every streaming part, not only those the tables point at: a second

@@ -12,13 +12,23 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..protocol import (
-    AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, Message, MessageEvent,
+    AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, Compacted, Message, MessageEvent,
     Presence, Queued, Rejected, TurnEnd, TurnRevised, TurnStart,
 )
 from .fold import CANCELLED_TOOL_TEXT, MessageFold
 
 PENDING_CANCEL_LIMIT = 256
 PENDING_CANCEL_TTL_MS = 60_000
+
+
+def continues(ev: AnyEvent, last_seq: int) -> bool:
+    """Is ``ev`` the next event after ``last_seq``? A ``compacted`` event stands
+    for the run ``first..seq`` that retention removed (chunks of turns long
+    ended, whose ``turn-end`` holds the message), so it continues the log when
+    that run covers ``last_seq + 1``."""
+    if type(ev) is Compacted:
+        return ev.first <= last_seq + 1 <= ev.seq
+    return ev.seq == last_seq + 1
 
 
 class InvariantError(Exception):
@@ -109,6 +119,9 @@ class Session:
         self.active: dict[str, TurnState] = {}
         self.turn_of_message: dict[str, str] = {}
         self.head: str | None = None
+        # The newest visible message: the head, or a user message sent after
+        # it whose answer has not ended yet (what a reloading page shows last).
+        self.latest: str | None = None
         self.pending_cancels: dict[str, PendingCancel] = {}
         self.queue: list[QueuedInput] = []
         self.hidden: set[str] = set()
@@ -122,7 +135,7 @@ class Session:
     # ------------------------------------------------------------ applying
 
     def apply(self, ev: AnyEvent) -> None:
-        if ev.seq != self.last_seq + 1:
+        if not continues(ev, self.last_seq):
             raise InvariantError(f"seq {ev.seq} after {self.last_seq}: the log must be gapless")
         handler = _APPLY.get(type(ev))
         if handler is not None:
@@ -144,6 +157,7 @@ class Session:
             raise InvariantError(f"message {ev.message.id} appended twice")
         self._add_message(ev.message)
         self.message_seq[ev.message.id] = ev.seq
+        self.latest = ev.message.id
 
     def _on_turn_start(self, ev: TurnStart) -> None:
         if ev.turn_id in self.turns:
@@ -170,7 +184,7 @@ class Session:
         turn.reason = ev.reason
         self._add_message(ev.message)
         if ev.message.parent_id not in self.hidden:
-            self.head = ev.message.id
+            self.head = self.latest = ev.message.id
         else:
             self.hidden.add(ev.message.id)
         self._ended_order.append(ev.turn_id)
@@ -208,6 +222,8 @@ class Session:
             self.hidden.update(ev.rolled_back)
             while self.head in self.hidden:
                 self.head = self.messages[self.head].parent_id if self.head in self.messages else None
+            if self.latest in self.hidden:
+                self.latest = self.head
         for turn_id in ev.pending:
             if turn_id not in self.turns and request is not None:
                 self.pending_cancels[turn_id] = PendingCancel(ev.request_id, request.client_id, request.seen, ev.ts)

@@ -25,15 +25,20 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
 from ..protocol import (
-    Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
+    SEQ_MAX, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
-    event_frame, events_frame, is_valid_id,
+    event_frame, events_frame, is_valid_id, MAX_NESTING, nesting_exceeds, VOICE_FRAMES,
 )
 from .auth import AuthError, Principal, mint, verify
 
 log = logging.getLogger("turnline.server")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# Module scripts need a JavaScript type whatever the OS mime table says;
+# no-cache revalidates by ETag, so an upgraded page is never half stale.
+_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".html": "text/html; charset=utf-8"}
+_STATIC_HEADERS = {"cache-control": "no-cache"}
 
 HTTP_STATUS = {
     ErrorCode.BAD_JSON: 400, ErrorCode.BAD_FRAME: 400, ErrorCode.BAD_ID: 400, ErrorCode.UNKNOWN_OP: 400,
@@ -53,7 +58,15 @@ class ServerConfig:
     max_pending_frames: int = 20_000
     dev_token_ttl_s: int = 900
     sse_keepalive_s: float = 15.0
+    # AI SDK routes (/api/chat): a dropped fetch cancels its turn only when
+    # set; the transport sends the whole chat each time, hence a larger body.
+    aisdk_cancel_on_disconnect: bool = False
+    aisdk_max_body_bytes: int = 4 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Binary(bytes):
+    """A frame the writer sends as a binary WebSocket message (voice audio)."""
 
 
 class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -119,6 +132,9 @@ class Connection:
         self.touched: set[str] = set()
         self.closed = False
 
+    def push_binary(self, frame: bytes) -> None:
+        self.push(_Binary(frame))
+
     def push(self, frame: bytes) -> None:
         if self.closed:
             return
@@ -136,7 +152,10 @@ class Connection:
                 with contextlib.suppress(Exception):
                     await ws.close(code=1013, reason="too far behind; resume from your last seq")
                 return
-            await ws.send_text(frame.decode())
+            if isinstance(frame, _Binary):
+                await ws.send_bytes(frame)
+            else:
+                await ws.send_text(frame.decode())
 
     async def follow(self, session: str, after: int) -> None:
         store = self.app.runtime.store
@@ -193,9 +212,29 @@ class Connection:
             return
         self.push(reply)
 
-    def error(self, frame_id: Any, code: str, message: str) -> None:
+    def error(self, frame_id: Any, code: str, message: str, **fields: Any) -> None:
         self.app.runtime.metrics.frame_errors.labels(code).inc()
-        self.push(error_frame(frame_id, code, message))
+        self.push(error_frame(frame_id, code, message, **fields))
+
+    async def handle_binary(self, data: bytes) -> None:
+        """A binary frame (voice audio) goes to the voice pipeline, if one is installed."""
+        voice = self.app.voice
+        if voice is None:
+            self.error(None, ErrorCode.BAD_FRAME, "binary frames carry voice audio, which this server "
+                       "does not run; send JSON text frames")
+            return
+        if len(data) > self.app.config.max_frame_bytes:
+            self.error(None, ErrorCode.TOO_LARGE, f"frame is {len(data)} bytes; the limit is "
+                       f"{self.app.config.max_frame_bytes}")
+            return
+        try:
+            await voice.audio(self, data)
+        except (FrameError, CommandError) as exc:
+            session = getattr(exc, "session", None)
+            self.error(None, exc.code, exc.message, **({"session": session} if session else {}))
+        except Exception as exc:  # a bug must not take the connection down
+            log.exception("binary frame failed")
+            self.error(None, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     async def dispatch(self, frame: Any) -> tuple[asyncio.Future[None] | None, bytes]:
         app = self.app
@@ -242,18 +281,26 @@ class Connection:
             outcome, durable = await hub.regenerate(who.client_id, frame.message_id)
             self.touched.add(frame.session)
             return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
-        if isinstance(frame, Played):
-            _require(who, frame.session, "publish")
-            hub = await app.existing_hub(frame.session)
-            if frame.turn_id not in hub.state.turns:
-                raise CommandError(ErrorCode.NOT_FOUND, f"no turn {frame.turn_id}")
-            raise CommandError(ErrorCode.CONFLICT, "this session has no voice pipeline")
+        if isinstance(frame, VOICE_FRAMES):
+            if app.voice is not None:  # installed by turnline.voice (a layer above this one)
+                return await app.voice.frame(self, frame)
+            if isinstance(frame, Played):
+                _require(who, frame.session, "publish")
+                hub = await app.existing_hub(frame.session)
+                if frame.turn_id not in hub.state.turns:
+                    raise CommandError(ErrorCode.NOT_FOUND, f"no turn {frame.turn_id}")
+            raise CommandError(ErrorCode.CONFLICT, "this server has no voice pipeline (turnline serve --voice)")
         raise CommandError(ErrorCode.UNKNOWN_OP, "unknown op")
 
     async def on_close(self) -> None:
         for task in self.subs.values():
             task.cancel()
         self.subs.clear()
+        if self.app.voice is not None:
+            try:
+                await self.app.voice.closed(self)
+            except Exception:
+                log.exception("closing voice on a dropped connection failed")
         if self.cancel_on_disconnect:
             for session in self.touched:
                 hub = self.app.runtime.loaded(session)
@@ -282,7 +329,7 @@ _frame_id_decoder = msgspec.json.Decoder(_FrameId)
 def _frame_id_of(data: bytes) -> str | int | None:
     try:
         return _frame_id_decoder.decode(data).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
 
 
@@ -290,6 +337,9 @@ class TurnlineApp:
     def __init__(self, runtime: Runtime, config: ServerConfig):
         self.runtime = runtime
         self.config = config
+        # The voice pipeline's hook (binary frames, voice ops, closes), set by
+        # turnline.voice.install_voice; voice sits above this layer.
+        self.voice: Any = None
         routes = [
             WebSocketRoute("/v1/ws", self.ws_endpoint),
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
@@ -300,6 +350,10 @@ class TurnlineApp:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
+        from .aisdk import AiSdk  # imported here: it builds on this module's helpers
+
+        self.aisdk = AiSdk(self)
+        routes += self.aisdk.routes()
         if config.dev:
             routes.append(Route("/v1/dev/token", self.dev_token, methods=["POST", "GET"]))
         if (WEB_DIR / "index.html").exists():
@@ -326,8 +380,11 @@ class TurnlineApp:
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         await self.runtime.store.open()
         try:
+            await self.runtime.start()
             yield
         finally:
+            if self.voice is not None:
+                await self.voice.close()
             await self.runtime.close()
             await self.runtime.store.close()
 
@@ -358,8 +415,7 @@ class TurnlineApp:
                     break
                 data = msg.get("text")
                 if data is None:
-                    conn.error(None, ErrorCode.BAD_FRAME, "binary frames carry voice audio, which this server "
-                               "does not run; send JSON text frames")
+                    await conn.handle_binary(msg.get("bytes") or b"")
                     continue
                 await conn.handle(data)
         except WebSocketDisconnect:
@@ -380,9 +436,9 @@ class TurnlineApp:
     def _http_principal(self, request: Request) -> Principal:
         return _principal(self.config.secret, request.headers.get("authorization"), request.query_params.get("token"))
 
-    async def _read_limited(self, request: Request) -> bytes:
+    async def _read_limited(self, request: Request, limit: int | None = None) -> bytes:
         # Refuse an oversized body as it arrives instead of buffering all of it first.
-        limit = self.config.max_frame_bytes
+        limit = limit or self.config.max_frame_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise CommandError(ErrorCode.TOO_LARGE, f"body is {declared} bytes; the limit is {limit}")
@@ -395,17 +451,22 @@ class TurnlineApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _body(self, request: Request, kind: type) -> Any:
-        raw = await self._read_limited(request)
+    async def _body(self, request: Request, kind: type, limit: int | None = None) -> Any:
+        raw = await self._read_limited(request, limit)
         try:
             msgspec.json.decode(raw or b"{}")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
             raise CommandError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
         try:
-            return msgspec.json.decode(raw or b"{}", type=kind)
+            body = msgspec.json.decode(raw or b"{}", type=kind)
+        except RecursionError as exc:
+            raise CommandError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
         except msgspec.ValidationError as exc:
             code = ErrorCode.BAD_ID if "matching regex" in str(exc) else ErrorCode.BAD_FRAME
             raise CommandError(code, str(exc)) from None
+        if nesting_exceeds(raw):
+            raise CommandError(ErrorCode.BAD_FRAME, f"JSON nested deeper than {MAX_NESTING} levels")
+        return body
 
     @staticmethod
     def _session(request: Request) -> str:
@@ -465,7 +526,7 @@ class TurnlineApp:
             else:
                 try:
                     after = int(cursor)
-                    if after < 0:
+                    if not 0 <= after <= SEQ_MAX:
                         raise ValueError
                 except ValueError:
                     raise CommandError(ErrorCode.BAD_FRAME, f"after must be a seq (an integer ≥ 0), got {cursor!r}") from None
@@ -520,7 +581,7 @@ class TurnlineApp:
             state = hub.state
             if leaf is not None and leaf not in state.messages:
                 raise CommandError(ErrorCode.NOT_FOUND, f"no message {leaf}")
-            branch = state.branch(leaf)
+            branch = state.branch(leaf if leaf is not None else state.latest)
             if q.get("include_hidden") not in ("1", "true"):
                 branch = [m for m in branch if m.id not in state.hidden]
             end = len(branch)
@@ -574,14 +635,14 @@ class TurnlineApp:
         return JSONResponse({"token": token, "sub": name, "ttl_s": self.config.dev_token_ttl_s})
 
     async def index(self, _request: Request) -> Response:
-        return FileResponse(WEB_DIR / "index.html")
+        return FileResponse(WEB_DIR / "index.html", headers=_STATIC_HEADERS)
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
         path = (WEB_DIR / name).resolve()
         if WEB_DIR not in path.parents or not path.is_file():
             return JSONResponse({"error": {"code": ErrorCode.NOT_FOUND, "message": "not found"}}, status_code=404)
-        return FileResponse(path)
+        return FileResponse(path, media_type=_STATIC_TYPES.get(path.suffix), headers=_STATIC_HEADERS)
 
 
 def create_app(runtime: Runtime, config: ServerConfig) -> TurnlineApp:

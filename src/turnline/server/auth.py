@@ -13,6 +13,8 @@ from typing import Iterable, Mapping
 
 import jwt
 
+from ..protocol import is_valid_id
+
 ACTIONS = ("subscribe", "publish", "cancel", "cancel-any", "admin")
 ALGORITHM = "HS256"
 
@@ -83,7 +85,7 @@ def verify(secret: str, token: str) -> Principal:
         raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")
     cap = claims.get("cap", {})
-    if not isinstance(sub, str) or not sub or len(sub) > 128:
+    if not is_valid_id(sub):  # the client id is an id like any other (it is named by cancel filters)
         raise AuthError("token has no valid sub")
     if not isinstance(cap, dict) or not all(isinstance(v, list) for v in cap.values()):
         raise AuthError("token cap must map session patterns to lists of actions")

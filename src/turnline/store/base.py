@@ -6,6 +6,8 @@ Contract (pinned by ``tests/unit/test_store_contract.py`` for every store):
   the order of the calls (the seq is assigned before ``append`` first yields),
   sets ``ts`` when it is 0, and returns once the events are durable according to
   the store's durability setting. Only durable events are ever read or followed.
+  ``fence`` (a lease token) makes a shared store refuse the append unless the
+  caller still holds the session's lease; single-process stores ignore it.
 - ``read(session, after, limit)`` returns records with ``seq > after`` in order.
 - ``follow(session, after)`` yields batches: first the catch-up from the log,
   then live batches, with no gap and no duplicate at the seam. ``after=None``
@@ -71,6 +73,14 @@ class _Listener:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def resync(self) -> None:
+        """Make the follower re-read the log from its cursor (its live source
+        may have missed something, e.g. it started after the follower)."""
+        self.overflowed = True
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     async def wait(self) -> None:
         while not self.pending and not self.overflowed:
             self.waiter = asyncio.get_running_loop().create_future()
@@ -113,7 +123,9 @@ class EventLog(ABC):
         self.feed = LiveFeed()
 
     @abstractmethod
-    async def append(self, session: str, events: Sequence[AnyEvent]) -> list[Record]: ...
+    async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
+        """Append ``events`` (see the module docstring). ``fence``: append only
+        while the session's lease holds this token (shared stores only)."""
 
     @abstractmethod
     async def read(self, session: str, after: int = 0, limit: int | None = None) -> list[Record]: ...

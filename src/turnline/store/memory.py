@@ -14,7 +14,8 @@ class MemoryEventLog(EventLog):
         super().__init__()
         self._logs: dict[str, list[Record]] = {}
 
-    async def append(self, session: str, events: Sequence[AnyEvent]) -> list[Record]:
+    async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
+        # ``fence`` is ignored: one process owns this log, so there is no lease to lose.
         if not events:
             return []
         log = self._logs.setdefault(session, [])

@@ -217,7 +217,8 @@ class SQLiteEventLog(EventLog):
 
     # ------------------------------------------------------------ writes
 
-    async def append(self, session: str, events: Sequence[AnyEvent]) -> list[Record]:
+    async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
+        # ``fence`` is ignored: one process owns this log, so there is no lease to lose.
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise StoreError(

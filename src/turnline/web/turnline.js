@@ -117,6 +117,10 @@ export class Emitter {
 // few Python rules are spelled out: dict.get, truthiness, ==, str().
 
 const hasOwn = (o, k) => Object.prototype.hasOwnProperty.call(o, k);
+// As the AI SDK does: a later chunk's metadata replaces the start's.
+const takeProviderMetadata = (part, c) => {
+  if (hasOwn(c, "providerMetadata")) part.providerMetadata = c.providerMetadata;
+};
 const get = (o, k) => (hasOwn(o, k) ? o[k] : null);
 const isStr = (v) => typeof v === "string";
 const isDict = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
@@ -234,6 +238,7 @@ export class MessageFold {
       return;
     }
     part.text += delta;
+    takeProviderMetadata(part, c);
   }
 
   _close(table, c) {
@@ -245,6 +250,7 @@ export class MessageFold {
     }
     table.delete(key);
     part.state = "done";
+    takeProviderMetadata(part, c);
   }
 
   _finishStep() {

@@ -1,0 +1,582 @@
+"""fanout: delivered events per second per gateway, and delivery latency from
+the agent's write to the client's receive, at many concurrent streaming
+sessions (default 1,000 sessions × 2 subscribers × 30 tokens/s).
+
+Topology (every part a real process on this machine):
+
+- a throwaway ``redis-server`` on a free port (no persistence), one per system;
+- turnline: one gateway (``turnline serve --store redis://…``, no agent) and
+  agent workers (``turnline worker --agent bench.fanout_agents:streamer``);
+- the baseline: the pub/sub relay of bench/peers/pubsub_relay.py (uvicorn, as
+  turnline's gateway) and its publisher, paced like turnline's agent;
+- the load generator (``python -m bench.fanout loadgen``, one or more
+  processes): asyncio + the ``websockets`` library, one WebSocket per
+  subscriber, each subscribed to one session (``after=0`` on turnline).
+
+Every token's delta is its write time (``time.monotonic_ns()``, system-wide on
+Linux); the load generator subtracts it from its receive time. The run warms
+up, then measures over a window: events received in the window, latency of the
+tokens received in it, and the CPU and RSS of each process over the window
+(from /proc). Each subscriber also checks its seqs: a gap or a duplicate is
+counted (turnline must show none; the relay's seqs are the publisher's).
+
+``python -m bench fanout [--quick]`` runs both systems; ``python -m bench.fanout
+run --help`` runs one with other sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import msgspec
+
+from bench._common import REPO, SECRET, free_port, pct, print_table, save, token
+
+STARTUP_S = 30.0
+STARTING = 32  # turns being started at once by a load generator
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def session_id(i: int) -> str:
+    return f"fan-{i}"
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+class _Chunk(msgspec.Struct):
+    type: str = ""
+    delta: str | None = None
+
+
+class _Event(msgspec.Struct):
+    seq: int
+    type: str = ""
+    chunk: _Chunk | None = None
+
+
+class _Frame(msgspec.Struct):
+    op: str
+    id: str | int | None = None
+    event: _Event | None = None
+    events: list[_Event] | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class _Tally:
+    t0: int = 1 << 62
+    t1: int = 1 << 62
+    events: int = 0  # events received inside the window
+    tokens: int = 0
+    latency_us: array = field(default_factory=lambda: array("q"))
+    received_ms: array = field(default_factory=lambda: array("i"))  # since t0, paired with latency_us
+    gaps: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+    closed: int = 0
+
+
+class _Subscriber(asyncio.Protocol):
+    """One subscriber's WebSocket on the ``websockets`` library's sans-I/O
+    client, driven straight from ``data_received``: no task and no queue per
+    message, so the load generator spends little CPU per event and measures
+    the receive time when the bytes arrive."""
+
+    def __init__(self, url: str, headers: dict[str, str], compression: str | None, tally: _Tally):
+        from websockets.client import ClientProtocol
+        from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+        from websockets.uri import parse_uri
+
+        self.proto = ClientProtocol(parse_uri(url), max_size=None,
+                                    extensions=[ClientPerMessageDeflateFactory()] if compression else None)
+        self.request = self.proto.connect()
+        for k, v in headers.items():
+            self.request.headers[k] = v
+        self.tally = tally
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last = 0
+        self._decode = msgspec.json.Decoder(_Frame).decode
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proto.send_request(self.request)
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for data in self.proto.data_to_send():
+            if data:
+                self.transport.write(data)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.proto.send_text(json.dumps(frame).encode())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Opcode
+        from websockets.http11 import Response
+
+        now = time.monotonic_ns()
+        self.proto.receive_data(data)
+        for item in self.proto.events_received():
+            if isinstance(item, Response):
+                if self.proto.handshake_exc is not None:
+                    self.opened.set_exception(self.proto.handshake_exc)
+                else:
+                    self.opened.set_result(None)
+            elif item.opcode is Opcode.TEXT:
+                self._frame(item.data, now)
+        self._flush()  # pongs, close replies
+
+    def _frame(self, raw: bytes, now: int) -> None:
+        tally = self.tally
+        frame = self._decode(raw)
+        events = frame.events if frame.events is not None else [frame.event] if frame.event else None
+        if events is None:
+            waiter = self.subscribed if frame.id == "sub" else self.started if frame.id == "go" else None
+            if frame.op == "error":
+                tally.errors.append(f"{frame.code}: {frame.message}")
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(RuntimeError(f"{frame.id} failed: {frame.message}"))
+            elif frame.op == "ack" and waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        in_window = tally.t0 <= now < tally.t1
+        last = self.last
+        for ev in events:
+            seq = ev.seq
+            if last and seq != last + 1:
+                if seq <= last:
+                    tally.duplicates += 1
+                    continue
+                tally.gaps += seq - last - 1
+            last = seq
+            if in_window:
+                tally.events += 1
+                chunk = ev.chunk
+                if chunk is not None and chunk.delta is not None and chunk.type == "text-delta":
+                    tally.tokens += 1
+                    tally.latency_us.append((now - int(chunk.delta)) // 1000)
+                    tally.received_ms.append((now - tally.t0) // 1_000_000)
+        self.last = last
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tally.closed += 1
+        if len(self.tally.errors) < 20:
+            self.tally.errors.append(f"closed: {exc!r}")
+        for fut in (self.opened, self.subscribed, self.started):
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+
+
+async def loadgen(url: str, first: int, count: int, subs: int, compression: str | None, tokens: int,
+                  start_turns: bool, out: str) -> None:
+    """Open ``count × subs`` WebSockets (sessions ``first…``), subscribe, and
+    measure. Talks to the orchestrator in JSON lines: prints ``subscribed``,
+    reads ``go T0 T1`` (monotonic ns), prints ``done`` once ``out`` is written."""
+    from websockets.uri import parse_uri
+
+    loop = asyncio.get_running_loop()
+    tally = _Tally()
+    headers = {"Authorization": f"Bearer {token('fanout-loadgen')}"}
+    where = parse_uri(url)
+    gate = asyncio.Semaphore(64)
+    sockets: list[tuple[str, _Subscriber]] = []
+
+    async def open_one(session: str) -> None:
+        async with gate:
+            _, sub = await loop.create_connection(lambda: _Subscriber(url, headers, compression, tally),
+                                                  where.host, where.port)
+            await asyncio.wait_for(sub.opened, 60)
+            sub.send({"op": "subscribe", "session": session, "after": 0, "id": "sub"})
+            await asyncio.wait_for(sub.subscribed, 60)
+            sockets.append((session, sub))
+
+    await asyncio.gather(*(open_one(session_id(first + i)) for i in range(count) for _ in range(subs)))
+    print(json.dumps({"state": "subscribed", "sockets": len(sockets)}), flush=True)
+
+    line = await asyncio.to_thread(sys.stdin.readline)
+    _, t0, t1 = line.split()
+    tally.t0, tally.t1 = int(t0), int(t1)
+    if start_turns:
+        starters: dict[str, _Subscriber] = {}
+        for session, sub in sockets:
+            starters.setdefault(session, sub)
+        # At most STARTING sends in flight: users do not all press send in the same millisecond.
+        starting = asyncio.Semaphore(STARTING)
+
+        async def start(session: str, sub: _Subscriber) -> None:
+            async with starting:
+                sub.send({"op": "send", "session": session, "id": "go",
+                          "messages": [{"parts": [{"type": "text", "text": str(tokens)}]}]})
+                with contextlib.suppress(Exception):  # counted in the errors
+                    await asyncio.wait_for(asyncio.shield(sub.started), 60)
+
+        await asyncio.gather(*(start(session, sub) for session, sub in starters.items()))
+    await asyncio.sleep(max(0.0, (tally.t1 - time.monotonic_ns()) / 1e9) + 0.2)
+    lat_path = out + ".lat"
+    with open(lat_path, "wb") as f:
+        tally.latency_us.tofile(f)
+    with open(out + ".at", "wb") as f:
+        tally.received_ms.tofile(f)
+    Path(out).write_text(json.dumps({
+        "sockets": len(sockets), "events": tally.events, "tokens": tally.tokens, "gaps": tally.gaps,
+        "duplicates": tally.duplicates, "closed": tally.closed, "errors": tally.errors[:20],
+        "failed_starts": sum(1 for _, sub in sockets if sub.started.done() and sub.started.exception()),
+        "latency_file": lat_path}))
+    print(json.dumps({"state": "done"}), flush=True)
+    os._exit(0)  # closing thousands of sockets politely takes longer than the run
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_s(self) -> float:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        rest = stat[stat.rfind(")") + 2:].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+class Cluster:
+    """The processes of one run; every one is stopped on exit."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+    def spawn(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None, pipes: bool = False) -> Proc:
+        log = self.tmp / f"{name}.log"
+        popen = subprocess.Popen(
+            cmd, cwd=REPO, env={**self.env, **(env or {})},
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else open(log, "wb"),
+            stderr=open(log, "wb") if pipes else subprocess.STDOUT)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def wait_http(self, proc: Proc, port: int) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not start: {proc.tail()}")
+            time.sleep(0.05)
+
+    def redis(self) -> tuple[Proc, str]:
+        port = free_port()
+        proc = self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(self.tmp)])
+        deadline = time.monotonic() + STARTUP_S
+        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {proc.tail()}")
+            time.sleep(0.05)
+        return proc, f"redis://127.0.0.1:{port}/0"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@contextlib.contextmanager
+def cluster(keep: bool = False) -> Iterator[Cluster]:
+    """Processes and their logs in a temporary directory (kept, and named, with ``keep``)."""
+    tmp = tempfile.mkdtemp(prefix="fanout-")
+    c = Cluster(Path(tmp))
+    try:
+        yield c
+    finally:
+        c.stop()
+        if keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readline(proc: Proc, timeout: float) -> dict[str, Any]:
+    """The next JSON line a load generator prints (bounded wait)."""
+    box: list[bytes] = []
+    reader = threading.Thread(target=lambda: box.append(proc.popen.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    if not box or not box[0]:
+        raise RuntimeError(f"{proc.name} said nothing within {timeout:.0f} s: {proc.tail()}")
+    return json.loads(box[0])
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Settings:
+    sessions: int = 1000
+    subs: int = 2
+    rate: float = 30.0
+    warmup_s: float = 5.0
+    window_s: float = 20.0
+    loadgens: int = 1
+    workers: int = 2
+    compression: str | None = None
+    store: str = "redis"  # turnline only: "redis" (gateway + workers) or "sqlite" (one node)
+    profile: str | None = None  # a directory: py-spy records the gateway and load generators there
+    keep_logs: bool = False
+
+
+def _start_turnline(c: Cluster, s: Settings) -> tuple[list[Proc], Proc, str]:
+    port = free_port()
+    serve = [sys.executable, "-m", "turnline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--secret", SECRET, "--no-dev", "--log-level", "warning"]
+    agent = "bench.fanout_agents:streamer"
+    env = {"FANOUT_RATE": str(s.rate)}
+    if s.store == "sqlite":
+        gateway = c.spawn("gateway", [*serve, "--store", f"sqlite:///{c.tmp}/fanout.db", "--agent", agent], env=env)
+        c.wait_http(gateway, port)
+        return [gateway], gateway, f"ws://127.0.0.1:{port}/v1/ws"
+    redis, url = c.redis()
+    gateway = c.spawn("gateway", [*serve, "--store", url], env=env)
+    workers = [c.spawn(f"worker-{i}", [sys.executable, "-m", "turnline.cli", "worker", "--agent", agent,
+                                       "--store", url, "--log-level", "warning"], env=env)
+               for i in range(s.workers)]
+    c.wait_http(gateway, port)
+    return [redis, gateway, *workers], gateway, f"ws://127.0.0.1:{port}/v1/ws"
+
+
+def _start_relay(c: Cluster, s: Settings) -> tuple[list[Proc], Proc, str, str]:
+    redis, url = c.redis()
+    port = free_port()
+    relay = c.spawn("gateway", [sys.executable, "-m", "uvicorn", "bench.peers.pubsub_relay:app", "--host",
+                                "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                    env={"RELAY_REDIS_URL": url, "RELAY_PREFIX": "relay:"})
+    c.wait_http(relay, port)
+    return [redis, relay], relay, f"ws://127.0.0.1:{port}/v1/ws", url
+
+
+def run(system: str, s: Settings) -> dict[str, Any]:
+    """One system under the load of ``s``: start it, drive it, measure it."""
+    tokens = math.ceil(s.rate * (s.warmup_s + s.window_s + 3))
+    with cluster(s.keep_logs) as c:
+        if system == "turnline":
+            procs, gateway, ws_url = _start_turnline(c, s)
+            redis_url = ""
+        else:
+            procs, gateway, ws_url, redis_url = _start_relay(c, s)
+        per = math.ceil(s.sessions / s.loadgens)
+        gens = []
+        for g in range(s.loadgens):
+            first, count = g * per, min(per, s.sessions - g * per)
+            cmd = [sys.executable, "-m", "bench.fanout", "loadgen", "--url", ws_url, "--first", str(first),
+                   "--count", str(count), "--subs", str(s.subs), "--tokens", str(tokens),
+                   "--compression", s.compression or "none", "--out", str(c.tmp / f"loadgen-{g}.json")]
+            if system == "turnline":
+                cmd.append("--start-turns")
+            gens.append(c.spawn(f"loadgen-{g}", cmd, pipes=True))
+        for gen in gens:
+            said = _readline(gen, 120)
+            assert said.get("state") == "subscribed", said
+        if system != "turnline":
+            procs.append(c.spawn("publisher", [
+                sys.executable, "-m", "bench.peers.pubsub_relay", "publish", "--redis", redis_url,
+                "--sessions", f"0:{s.sessions}", "--tokens", str(tokens), "--rate", str(s.rate)]))
+        t_go = time.monotonic_ns()
+        t0 = t_go + int(s.warmup_s * 1e9)
+        t1 = t0 + int(s.window_s * 1e9)
+        for gen in gens:
+            gen.popen.stdin.write(f"go {t0} {t1}\n".encode())  # type: ignore[union-attr]
+            gen.popen.stdin.flush()  # type: ignore[union-attr]
+        watched = [*procs, *gens]
+        time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9))
+        cpu0 = {p.name: p.cpu_s() for p in watched}
+        busy0 = machine_busy_s()
+        if s.profile:
+            for target in watched:
+                if target.name != "redis":
+                    _profile(c, target, system, s)
+        time.sleep(max(0.0, (t1 - time.monotonic_ns()) / 1e9))
+        cpu1 = {p.name: p.cpu_s() for p in watched}
+        busy1 = machine_busy_s()
+        rss = {p.name: p.rss_mb() for p in watched}
+        for p in procs:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} died during the run: {p.tail()}")
+        results = []
+        for gen in gens:
+            said = _readline(gen, 60)
+            assert said.get("state") == "done", said
+            results.append(json.loads((c.tmp / f"loadgen-{gen.name.split('-')[1]}.json").read_text()))
+        latency, received = array("q"), array("i")
+        for r in results:
+            with open(r["latency_file"], "rb") as f:
+                latency.frombytes(f.read())
+            with open(r["latency_file"][:-4] + ".at", "rb") as f:
+                received.frombytes(f.read())
+        by_second: dict[int, list[float]] = {}
+        for at, us in zip(received, latency):
+            by_second.setdefault(at // 1000, []).append(us / 1000)
+        lat_ms = sorted(v / 1000 for v in latency)
+        cpu = {name: round(100 * (cpu1[name] - cpu0[name]) / s.window_s, 1) for name in cpu0}
+        # Everything else the machine ran meanwhile (other work on a shared box skews latency).
+        cpu["machine"] = round(100 * (busy1[0] - busy0[0]) / s.window_s, 1)
+        cpu["others"] = round(cpu["machine"] - sum(v for k, v in cpu.items() if k != "machine"), 1)
+        events = sum(r["events"] for r in results)
+        return {
+            "system": system, "sessions": s.sessions, "subscribers": s.sessions * s.subs, "rate": s.rate,
+            "window_s": s.window_s, "store": s.store if system == "turnline" else "redis pub/sub",
+            "compression": s.compression or "none",
+            "events_per_s": round(events / s.window_s), "tokens_per_s": round(sum(r["tokens"] for r in results) / s.window_s),
+            "target_tokens_per_s": s.sessions * s.subs * s.rate,
+            "latency_ms": {"p50": pct(lat_ms, 50), "p99": pct(lat_ms, 99), "p999": pct(lat_ms, 99.9),
+                           "max": lat_ms[-1] if lat_ms else float("nan")},
+            "p99_ms_by_second": [round(pct(v, 99), 1) for _, v in sorted(by_second.items())],
+            "max_ms_by_second": [round(max(v), 1) for _, v in sorted(by_second.items())],
+            "gaps": sum(r["gaps"] for r in results), "duplicates": sum(r["duplicates"] for r in results),
+            "closed": sum(r["closed"] for r in results),
+            "failed_starts": sum(r["failed_starts"] for r in results),
+            "errors": [e for r in results for e in r["errors"]][:10],
+            "cpu_percent": cpu, "rss_mb": {k: round(v, 1) for k, v in rss.items()},
+            "gateway_cpu_percent": cpu[gateway.name], "gateway_rss_mb": round(rss[gateway.name], 1),
+            # CPU time per delivered event: a figure that holds on a busy machine, unlike latency.
+            "gateway_us_per_event": round(cpu[gateway.name] / 100 * s.window_s / events * 1e6, 1) if events else None,
+            "loadgen_us_per_event": round(sum(v for k, v in cpu.items() if k.startswith("loadgen"))
+                                          / 100 * s.window_s / events * 1e6, 1) if events else None,
+        }
+
+
+def _profile(c: Cluster, target: Proc, system: str, s: Settings) -> None:
+    """py-spy samples ``target`` over the window (collapsed stacks, for
+    flamegraph.pl or speedscope); it costs the target a little CPU."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(s.profile or ".") / f"fanout-{system}-{target.name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    c.spawn(f"py-spy-{target.name}", [spy, "record", "--pid", str(target.pid), "--duration", str(int(s.window_s)),
+                                      "--rate", "100", "--format", "raw", "--nonblocking", "--output", str(out)])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in results:
+        lat = r["latency_ms"]
+        rows.append([r["system"], f"{r['sessions']}×{r['subscribers'] // r['sessions']}", r["events_per_s"],
+                     f"{r['tokens_per_s']} / {r['target_tokens_per_s']:.0f}", lat["p50"], lat["p99"], lat["max"],
+                     f"{r['gaps']}/{r['duplicates']}", r["gateway_cpu_percent"], r["gateway_us_per_event"],
+                     r["gateway_rss_mb"]])
+    print_table("fanout: delivered events per gateway, agent write → client receive",
+                ["system", "sessions×subs", "events/s", "tokens/s (got / paced)", "p50 ms", "p99 ms", "max ms",
+                 "gaps/dups", "gateway CPU %", "gateway CPU µs/event", "gateway RSS MB"], rows)
+    names = sorted({n for r in results for n in r["cpu_percent"]})
+    print_table("fanout: CPU % of each process over the window (2 cores = 200 %)",
+                ["system", *names], [[r["system"], *(r["cpu_percent"].get(n, "—") for n in names)] for r in results])
+
+
+def bench(quick: bool) -> None:
+    s = Settings(sessions=100, warmup_s=2, window_s=5) if quick else Settings()
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("fanout needs redis-server (scripts/ensure-system-deps installs it)")
+    results = [run("turnline", s), run("pubsub-relay", s)]
+    table(results)
+    print(f"written {save('fanout-quick' if quick else 'fanout', results)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.fanout")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lg = sub.add_parser("loadgen", help="(internal) the load generator process")
+    lg.add_argument("--url", required=True)
+    lg.add_argument("--first", type=int, required=True)
+    lg.add_argument("--count", type=int, required=True)
+    lg.add_argument("--subs", type=int, default=2)
+    lg.add_argument("--tokens", type=int, required=True)
+    lg.add_argument("--compression", default="none", choices=["none", "deflate"])
+    lg.add_argument("--start-turns", action="store_true")
+    lg.add_argument("--out", required=True)
+    rn = sub.add_parser("run", help="run one or both systems with the given sizes")
+    rn.add_argument("systems", nargs="*", default=["turnline", "pubsub-relay"])
+    for name, default in vars(Settings()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(default, bool):
+            rn.add_argument(flag, action="store_true")
+        else:
+            rn.add_argument(flag, type=type(default) if default is not None else str, default=default)
+    a = ap.parse_args()
+    if a.cmd == "loadgen":
+        import uvloop  # the measuring instrument takes as little CPU per event as it can
+
+        uvloop.run(loadgen(a.url, a.first, a.count, a.subs, None if a.compression == "none" else a.compression,
+                            a.tokens, a.start_turns, a.out))
+        return
+    s = Settings(**{k: getattr(a, k) for k in vars(Settings())})
+    if s.compression == "none":
+        s.compression = None
+    results = [run(system, s) for system in a.systems]
+    table(results)
+    print(f"written {save('fanout-custom', results)}")
+
+
+if __name__ == "__main__":
+    main()

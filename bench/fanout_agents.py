@@ -1,0 +1,49 @@
+"""The token streamer of bench/fanout.py, and the pacing it shares with the
+pub/sub baseline's publisher (bench/peers/pubsub_relay.py).
+
+``streamer`` answers a message whose text is a number N with N text deltas at
+``FANOUT_RATE`` tokens a second (default 30). Each delta is the write time,
+``time.monotonic_ns()`` (CLOCK_MONOTONIC is system-wide on Linux, so the load
+generator compares it with its own receive time), followed by a space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import AsyncIterator
+
+from turnline import Agent, Turn
+
+RATE = float(os.environ.get("FANOUT_RATE", "30"))
+
+
+async def paced(rate: float, count: int) -> AsyncIterator[int]:
+    """Yield 0..count-1 at ``rate`` a second, each on its own deadline
+    (``start + i/rate``), so the rate holds even when one wake-up is late; the
+    start has a random phase so that many streams do not tick in lockstep."""
+    period = 1.0 / rate
+    start = time.monotonic() + random.random() * period
+    for i in range(count):
+        delay = start + i * period - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i
+
+
+def _token_count(turn: Turn) -> int:
+    text = "".join(p.get("text", "") for p in turn.input.parts if p.get("type") == "text")
+    try:
+        return max(0, int(text.strip()))
+    except ValueError:
+        return 0
+
+
+async def _stream(turn: Turn) -> AsyncIterator[str]:
+    async for _ in paced(RATE, _token_count(turn)):
+        yield f"{time.monotonic_ns()} "
+
+
+streamer = Agent(_stream, name="bench-fanout")

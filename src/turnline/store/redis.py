@@ -1,0 +1,825 @@
+"""The Redis Streams event log: the store for many nodes.
+
+Keys (``prefix`` defaults to ``tl``; every key of a session carries the session
+as its hash tag, so they share one Redis Cluster slot and one Lua call may
+touch them all). :meth:`RedisEventLog.key` builds them, so other modules (the
+cluster runtime) use the same names:
+
+- ``{prefix}:{<session>}:log``   the stream. Entry ids are ``<seq>-0``: the
+  stream id *is* the seq. One field, ``d``: the event's JSON with its seq
+  (:attr:`Record.data`).
+- ``{prefix}:{<session>}:seq``   the last seq, a decimal string.
+- ``{prefix}:{<session>}:lease`` owned by the cluster runtime: the fence token
+  of the worker that owns the session, with a PX expiry. ``append(fence=…)``
+  writes only while it holds exactly that token.
+- ``{prefix}:{<session>}:ended`` a sorted set of the session's ended turns,
+  ``<end seq>:<turn id>`` scored by the turn-end's ts: what compaction visits.
+- ``{prefix}:sessions``          a set of every session id, for :meth:`sessions`.
+  It is the one key outside the session slots, so it is written by its own
+  ``SADD``, sent just before the script in a process's first write round for
+  the session (it may name a session whose first append then failed; it never
+  misses one that exists).
+
+Appending. ``append`` queues the batch and one writer task per instance sends
+whatever is queued as one Lua call (group commit: one round trip and one script
+run per round, however many sessions and appends it holds). For each session in
+the round, independently and atomically, the script checks the fence (``GET
+lease == fence``, else :class:`Fenced`), then compare-and-sets the seq (the last
+seq must be ``first - 1``, else :class:`StoreConflict`), then ``XADD``s all that
+session's queued events with ids ``seq-0`` and sets ``:seq``. Events that
+already carry a seq (the session hub numbers its events before appending) are
+written with exactly those seqs or not at all. Events without one are numbered
+here, in call order, from a cached next seq; when another process wrote in
+between, the CAS fails, the cache is reloaded and the batch is renumbered and
+retried. Nothing is acknowledged before Redis applied it
+(and, with ``wait_replicas``, before that many replicas confirmed it). A task
+cancelled while it waits in ``append`` does not withdraw its events.
+
+Reading. ``read`` is ``XRANGE (after-0 + COUNT n``. Where the log has a hole
+(compaction removed events), ``read`` puts one :class:`~turnline.protocol.Compacted`
+record covering it, so the seqs a reader sees stay contiguous.
+
+Following. ``follow`` is the base class's (catch-up from ``read``, then the live
+feed, gapless at the seam). The live feed is fed by ONE reader task per
+instance on a dedicated connection: ``XREAD BLOCK COUNT STREAMS k1..kN
+id1..idN`` over every session that has a local follower. When a session gains
+its first follower the blocked ``XREAD`` is woken at once by an entry added to
+this instance's wake stream (``{prefix}:wake:<uuid>``), which every ``XREAD``
+also reads: unlike ``CLIENT UNBLOCK`` this cannot miss an ``XREAD`` that has
+not reached Redis yet. The reader starts a new session at its current last seq
+and then asks that session's followers to re-read the log once
+(:meth:`_Listener.resync`), which closes the window between their catch-up
+read and the reader's start. Appends made by this instance are also published
+to local followers directly when they continue what the feed delivered (less
+latency; the reader then skips them by seq). Records are passed on as the bytes
+Redis returned; nothing is decoded.
+
+Redis Cluster: one script call and one ``XREAD`` may only name keys of one
+slot. On a cluster the writer's round must be split into one call per slot, and
+the reader must run one ``XREAD`` per node (keys grouped by ``CLUSTER KEYSLOT``)
+with a wake stream per node. Every key is declared (``KEYS``) and hash-tagged
+for that, but only a single Redis node (or a primary with replicas) is
+implemented and tested.
+
+Retention. ``compact`` deletes (``XDEL``) the ``chunk`` events of turns that
+ended more than ``retention_s`` ago; their ``turn-end`` holds the folded
+message, so history, tree and session state are unchanged, and a resume from a
+cursor inside the retention window is exact. With ``retention_s`` set, every
+instance runs compaction every ``compact_every_s`` (at most one instance per
+interval does the work, by a ``SET NX PX`` lock).
+
+Durability: see docs/deploy.md, "Redis durability" (AOF fsync policy, replicas
+and ``wait_replicas``). Needs Redis ≥ 6.2 (exclusive stream ranges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from ..protocol import AnyEvent, Compacted, TurnEnd, encode
+from .base import EventLog, LiveFeed, Record, StoreError, _Listener, stamp
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise StoreError("the Redis store needs the redis package: pip install 'turnline[redis]'") from exc
+
+log = logging.getLogger("turnline.store.redis")
+
+READ_CHUNK = 1000  # entries per XRANGE
+XREAD_COUNT = 1000  # entries per stream per XREAD
+CONFLICT_RETRIES = 100
+REGISTERED_MAX = 100_000  # sessions remembered as being in the sessions set
+_tuple_new = tuple.__new__
+
+# One call appends for any number of sessions, each atomically and on its own.
+# KEYS: per session: log, seq, lease, ended.
+# ARGV: per session: fence ("" = none), first seq, n, m, then n event JSONs and
+# m (score, member) pairs for :ended.
+# Returns per session: status (0 written, 1 seq conflict, 2 fenced), last seq.
+_APPEND_LUA = """
+local out = {}
+local a = 1
+for k = 1, #KEYS, 4 do
+  local fence, first = ARGV[a], tonumber(ARGV[a + 1])
+  local n, m = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local base = a + 4
+  a = base + n + 2 * m
+  local last = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+  if fence ~= '' and redis.call('GET', KEYS[k + 2]) ~= fence then
+    out[#out + 1] = 2
+  elseif first ~= last + 1 then
+    out[#out + 1] = 1
+  else
+    for i = 0, n - 1 do
+      redis.call('XADD', KEYS[k], string.format('%d-0', first + i), 'd', ARGV[base + i])
+    end
+    last = first + n - 1
+    redis.call('SET', KEYS[k + 1], string.format('%d', last))
+    for j = base + n, a - 1, 2 do
+      redis.call('ZADD', KEYS[k + 3], ARGV[j], ARGV[j + 1])
+    end
+    out[#out + 1] = 0
+  end
+  out[#out + 1] = last
+end
+return out
+"""
+
+# Our own query parameters in a redis:// URL (the rest go to redis-py).
+_URL_OPTIONS = {"prefix": str, "retention_s": float, "wait_replicas": int, "wait_timeout_ms": int,
+                "compact_every_s": float}
+
+
+def _pack(args: Sequence[bytes | str | int]) -> bytes:
+    """One command in RESP. redis-py's own packer costs ~25 µs a command;
+    the writer and the reader (thousands of stream keys) pack their own."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if type(a) is str:
+            a = a.encode()
+        elif type(a) is int:
+            a = b"%d" % a
+        out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+async def _exchange(client: Any, commands: list[bytes]) -> list[Any]:
+    """Send packed commands in one write and read every reply (an error reply
+    is returned as its exception, in its place)."""
+    await client.initialize()
+    conn = client.connection
+    await conn.send_packed_command(b"".join(commands), check_health=False)
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+class StoreConflict(StoreError):
+    """The session's last seq was not the one this append continues: another writer appended."""
+
+
+class Fenced(StoreError):
+    """The append named a fence token that is not (or no longer) the session's lease."""
+
+
+class _Head(msgspec.Struct):
+    type: str
+    turn_id: str = ""
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+class _Append:
+    __slots__ = ("order", "session", "events", "fence", "numbered", "future", "records", "retries")
+
+    def __init__(self, order: int, session: str, events: list[AnyEvent], fence: str | None,
+                 future: asyncio.Future[list[Record]]):
+        self.order = order  # call order: acknowledgements follow it
+        self.session = session
+        self.events = events
+        self.fence = fence
+        self.numbered = events[0].seq != 0  # the caller gave the seqs
+        self.future = future
+        self.records: list[Record] = []
+        self.retries = 0
+
+
+class _Group:
+    """One session's appends in one writer round (written all or nothing)."""
+
+    __slots__ = ("session", "items", "fence", "numbered", "records")
+
+    def __init__(self, item: _Append):
+        self.session = item.session
+        self.items = [item]
+        self.fence = item.fence
+        self.numbered = item.numbered
+        self.records: list[Record] = []
+
+    def accepts(self, item: _Append) -> bool:
+        if item.fence != self.fence or item.numbered != self.numbered:
+            return False
+        if self.numbered:
+            last = self.items[-1].events
+            return item.events[0].seq == last[-1].seq + 1
+        return True
+
+
+class _RedisFeed(LiveFeed):
+    """The live feed, telling the reader when a session gains its first follower."""
+
+    def __init__(self, on_first: Any) -> None:
+        super().__init__()
+        self._on_first = on_first
+
+    def subscribe(self, session: str) -> _Listener:
+        first = session not in self._listeners
+        listener = super().subscribe(session)
+        if first:
+            self._on_first(session)
+        return listener
+
+    def followed(self) -> dict[str, set[_Listener]]:
+        return self._listeners
+
+
+def _split_url(url: str) -> tuple[str, dict[str, Any]]:
+    parts = urlsplit(url)
+    ours: dict[str, Any] = {}
+    rest = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in _URL_OPTIONS:
+            ours[k] = None if v in ("", "none", "None") else _URL_OPTIONS[k](v)
+        else:
+            rest.append((k, v))
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+class RedisEventLog(EventLog):
+    """An event log on Redis Streams (see the module docstring for the layout).
+
+    ``retention_s``: compact chunks of turns ended longer ago than this (None:
+    keep everything). ``wait_replicas``: after each write round, ``WAIT`` for
+    that many replicas (``wait_timeout_ms``) before acknowledging; fewer
+    confirmations fail the appends with :class:`StoreError` (the events are on
+    the primary; they were not acknowledged). ``block_ms``: the reader's
+    ``XREAD BLOCK`` (a new follower never waits for it). ``max_connections``
+    bounds the command pool (the reader has its own connection). Other keyword options
+    go to ``redis.asyncio.Redis.from_url``. Options may also be given in the
+    URL's query: ``redis://host:6379/0?prefix=tl&retention_s=3600``.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "tl", retention_s: float | None = 3600,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000, compact_every_s: float | None = None,
+                 batch_max: int = 2048, block_ms: int = 5000, max_connections: int = 64,
+                 **options: Any) -> None:
+        super().__init__()
+        self.feed = _RedisFeed(self._on_first_follower)
+        url, from_url = _split_url(url)
+        prefix = from_url.pop("prefix", prefix)
+        retention_s = from_url.pop("retention_s", retention_s)
+        wait_replicas = from_url.pop("wait_replicas", wait_replicas)
+        wait_timeout_ms = from_url.pop("wait_timeout_ms", wait_timeout_ms)
+        compact_every_s = from_url.pop("compact_every_s", compact_every_s)
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise StoreError(f"bad key prefix {prefix!r}")
+        if retention_s is not None and retention_s < 0:
+            raise StoreError("retention_s must be ≥ 0 (or None to keep everything)")
+        if batch_max < 1:
+            raise StoreError("batch_max must be at least 1")
+        self.url = url
+        self.prefix = prefix
+        self.retention_s = retention_s
+        self.wait_replicas = int(wait_replicas or 0)
+        self.wait_timeout_ms = int(wait_timeout_ms)
+        self.compact_every_s = compact_every_s if compact_every_s is not None else (
+            None if retention_s is None else min(300.0, max(1.0, retention_s / 10)))
+        self.batch_max = batch_max
+        self.block_ms = block_ms
+        self.max_connections = max_connections
+        self.options = options
+        self.instance = uuid.uuid4().hex
+        self.sessions_key = f"{prefix}:sessions"
+        self.wake_key = f"{prefix}:wake:{self.instance}"
+        self.reader_name = f"turnline-reader-{self.instance}"
+
+        self._redis: Any = None
+        self._writer_conn: Any = None
+        self._reader_conn: Any = None
+        self._sha = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        # writer
+        self._queue: deque[_Append] = deque()
+        self._calls = 0
+        self._queued = asyncio.Event()
+        self._next: dict[str, int] = {}  # next seq to give unnumbered events, per session
+        self._registered: set[str] = set()  # sessions this instance added to the sessions set
+        self._writer: asyncio.Task[None] | None = None
+        # reader
+        self._cursor: dict[str, int] = {}  # per followed session: the last seq handed to the feed
+        self._log_keys: dict[str, bytes] = {}  # followed session -> its stream key
+        self._key_sessions: dict[bytes, str] = {}  # and back
+        self._key_resp: dict[str, bytes] = {}  # followed session -> its stream key in RESP
+        wake = self.wake_key.encode()
+        self._wake_resp = b"$%d\r\n%b\r\n" % (len(wake), wake)
+        self._wake_id: bytes = b"0-0"  # the last wake entry the reader saw
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_idle = asyncio.Event()
+        self.reader_phase = "idle"  # idle | sync | blocked
+        self._wake_sent = False
+        self._synced: dict[str, list[asyncio.Future[None]]] = {}
+        self._compactor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ names
+
+    def key(self, session: str, kind: str) -> str:
+        """The Redis key of one of a session's structures: ``log``, ``seq``, ``lease``, ``ended``."""
+        return f"{self.prefix}:{{{session}}}:{kind}"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _client(self, **extra: Any) -> Any:
+        options = {**self.options, **extra}
+        if options.get("single_connection_client"):
+            client = aioredis.Redis.from_url(self.url, **options)
+        else:
+            # Bounded, and callers wait for a free connection: thousands of
+            # followers catching up at once queue here instead of opening
+            # thousands of connections (or failing).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=self.max_connections, timeout=None, **options)
+            client = aioredis.Redis(connection_pool=pool)
+        # Raw replies: stream entries stay [id, [field, value]] lists of bytes.
+        for cmd in ("XRANGE", "XREVRANGE", "XREAD"):
+            client.set_response_callback(cmd, lambda r, **_: r)
+        return client
+
+    async def open(self) -> None:
+        if self._loop is not None:
+            raise StoreError("RedisEventLog.open() was already called (a closed log is not reopened: make a new one)")
+        self._redis = self._client()
+        try:
+            self._sha = await self._redis.script_load(_APPEND_LUA)
+        except RedisError as exc:
+            await self._redis.aclose()
+            raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
+        self._writer_conn = self._client(single_connection_client=True)
+        self._reader_conn = self._client(single_connection_client=True, socket_timeout=None,
+                                         client_name=self.reader_name)
+        self._loop = asyncio.get_running_loop()
+        self._writer = asyncio.ensure_future(self._run_writer())
+        self._reader = asyncio.ensure_future(self._run_reader())
+        if self.retention_s is not None and self.compact_every_s:
+            self._compactor = asyncio.ensure_future(self._run_compactor())
+
+    async def close(self) -> None:
+        """Write every append already made, stop the tasks and disconnect."""
+        if self._loop is None or self._closing:
+            return
+        self._closing = True
+        self._queued.set()
+        self._reader_idle.set()
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        for task in (self._reader, self._compactor, *self._background):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._reader, self._compactor, *self._background) if t is not None),
+                             return_exceptions=True)
+        try:
+            await self._redis.delete(self.wake_key)
+        except RedisError:
+            pass
+        await self._reader_conn.aclose()
+        await self._writer_conn.aclose()
+        await self._redis.aclose()
+
+    def _check_open(self) -> None:
+        if self._loop is None:
+            raise StoreError("RedisEventLog is not open")
+        if self._closing:
+            raise StoreError("RedisEventLog is closed")
+
+    # ------------------------------------------------------------ writes
+
+    async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
+        self._check_open()
+        if not events:
+            return []
+        events = list(events)
+        if events[0].seq != 0 and any(ev.seq != events[0].seq + i for i, ev in enumerate(events)):
+            raise StoreError("events given with seqs must carry consecutive seqs")
+        future: asyncio.Future[list[Record]] = asyncio.get_running_loop().create_future()
+        self._calls += 1
+        self._queue.append(_Append(self._calls, session, events, fence, future))
+        self._queued.set()
+        # Shielded: a caller cancelled while waiting does not withdraw the append.
+        return await asyncio.shield(future)
+
+    async def _run_writer(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                groups = self._take_round()
+                try:
+                    await self._write_round(groups)
+                except Exception as exc:  # never leave an append waiting
+                    log.exception("redis append round failed")
+                    self._fail(groups, StoreError(f"append failed: {exc!r}"))
+            if self._closing and not self._queue:
+                return
+
+    def _take_round(self) -> list[_Group]:
+        """Take queued appends for one pipeline: per session, the longest run
+        (in call order) that one Lua call can write; later ones wait their turn."""
+        groups: dict[str, _Group] = {}
+        waiting: set[str] = set()
+        rest: deque[_Append] = deque()
+        size = 0
+        queue = self._queue
+        while queue:
+            if size >= self.batch_max:  # the rest waits for the next round, in order
+                rest.extend(queue)
+                queue.clear()
+                break
+            item = queue.popleft()
+            s = item.session
+            if s in waiting:
+                rest.append(item)
+                continue
+            group = groups.get(s)
+            if group is None:
+                groups[s] = _Group(item)
+            elif group.accepts(item):
+                group.items.append(item)
+            else:
+                waiting.add(s)
+                rest.append(item)
+                continue
+            size += len(item.events)
+        self._queue = rest
+        return list(groups.values())
+
+    async def _write_round(self, groups: list[_Group]) -> None:
+        unknown = [g.session for g in groups if not g.numbered and g.session not in self._next]
+        if unknown:
+            values = await self._redis.mget([self.key(s, "seq") for s in unknown])
+            for s, v in zip(unknown, values):
+                self._next.setdefault(s, int(v or 0) + 1)
+        for g in groups:
+            first = g.items[0].events[0].seq if g.numbered else self._next[g.session]
+            g.records = []
+            for item in g.items:
+                item.records = stamp(item.events, first)
+                first += len(item.records)
+                g.records.extend(item.records)
+        new = [g.session for g in groups if g.session not in self._registered]
+        commands = [_pack(("SADD", self.sessions_key, *new))] if new else []
+        commands.append(_pack(self._append_args(groups)))
+        if self.wait_replicas:
+            commands.append(_pack(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
+        try:
+            results = await _exchange(self._writer_conn, commands)
+        except (RedisError, OSError) as exc:
+            for g in groups:
+                self._next.pop(g.session, None)
+            self._fail(groups, StoreError(f"redis append failed (the events may or may not be stored): {exc}"))
+            return
+        replicated = True
+        if self.wait_replicas:
+            acked = results.pop()
+            replicated = isinstance(acked, int) and acked >= self.wait_replicas
+        if new and not isinstance(results[0], Exception):
+            if len(self._registered) > REGISTERED_MAX:  # bounded memory; SADD again is harmless
+                self._registered.clear()
+            self._registered.update(new)
+        outcome = results[-1]
+        retry: list[_Append] = []
+        written: list[_Append] = []
+        if isinstance(outcome, NoScriptError):  # Redis lost its script cache (restart, SCRIPT FLUSH)
+            self._sha = await self._redis.script_load(_APPEND_LUA)
+            retry = [item for g in groups for item in g.items]
+            outcome = []
+        elif isinstance(outcome, Exception):
+            for g in groups:
+                self._next.pop(g.session, None)
+            self._fail(groups, StoreError(f"redis append failed: {outcome}"))
+            outcome = []
+        for i, g in enumerate(groups[:len(outcome) // 2]):
+            status, last = outcome[2 * i], outcome[2 * i + 1]
+            if status == 0:
+                if not g.numbered or g.session in self._next:  # kept only for sessions written unnumbered
+                    self._next[g.session] = last + 1
+                if not replicated:
+                    self._fail([g], StoreError(
+                        f"append not confirmed by {self.wait_replicas} replica(s) within {self.wait_timeout_ms} ms"))
+                    continue
+                self._publish_own(g.session, g.records)
+                written.extend(g.items)
+            elif status == 2:
+                self._fail([g], Fenced(f"session {g.session!r}: the lease is not held by this fence token"))
+            else:
+                if not g.numbered or g.session in self._next:
+                    self._next[g.session] = last + 1
+                if g.numbered:
+                    self._fail([g], StoreConflict(
+                        f"session {g.session!r}: append at seq {g.records[0].seq}, but the last seq is {last}"))
+                    continue
+                for item in g.items:
+                    item.retries += 1
+                    if item.retries > CONFLICT_RETRIES:
+                        self._fail([g], StoreConflict(f"session {g.session!r}: too many concurrent writers"))
+                        break
+                else:
+                    retry.extend(g.items)
+        written.sort(key=lambda item: item.order)
+        for item in written:
+            if not item.future.done():
+                item.future.set_result(item.records)
+        if retry:
+            for ev_item in retry:
+                if not ev_item.numbered:
+                    for ev in ev_item.events:
+                        ev.seq = 0
+            self._queue.extendleft(reversed(retry))
+
+    def _append_args(self, groups: list[_Group]) -> list[Any]:
+        keys: list[Any] = []
+        argv: list[Any] = []
+        key = self.key
+        for g in groups:
+            s = g.session
+            keys += (key(s, "log"), key(s, "seq"), key(s, "lease"), key(s, "ended"))
+            ended = [(ev.ts, f"{ev.seq}:{ev.turn_id}") for item in g.items for ev in item.events
+                     if type(ev) is TurnEnd]
+            argv += (g.fence or "", g.records[0].seq, len(g.records), len(ended))
+            argv += [r.data for r in g.records]
+            for score, member in ended:
+                argv += (score, member)
+        return ["EVALSHA", self._sha, len(keys), *keys, *argv]
+
+    @staticmethod
+    def _fail(groups: list[_Group], error: StoreError) -> None:
+        for g in groups:
+            for item in g.items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+                    item.future.exception()  # a cancelled caller never retrieves it
+
+    def _publish_own(self, session: str, records: list[Record]) -> None:
+        # Our own commit continues what the feed delivered: hand it to local
+        # followers now instead of after the reader's round trip.
+        cursor = self._cursor.get(session)
+        if cursor is not None and records and records[0].seq == cursor + 1:
+            self._cursor[session] = records[-1].seq
+            self.feed.publish(session, records)
+
+    # ------------------------------------------------------------ reads
+
+    async def read(self, session: str, after: int = 0, limit: int | None = None) -> list[Record]:
+        self._check_open()
+        key = self.key(session, "log")
+        cursor = max(0, after)
+        out: list[Record] = []
+        while limit is None or len(out) < limit:
+            n = READ_CHUNK if limit is None else min(READ_CHUNK, limit - len(out))
+            try:
+                entries = await self._redis.execute_command(
+                    "XRANGE", key, f"({cursor}-0" if cursor else "-", "+", "COUNT", n)
+            except RedisError as exc:
+                raise StoreError(f"reading {session!r} failed: {exc}") from exc
+            for eid, fields in entries:
+                seq = int(eid[:-2])
+                if seq != cursor + 1:
+                    out.append(Record(seq - 1, encode(Compacted(seq=seq - 1, first=cursor + 1))))
+                    if limit is not None and len(out) >= limit:
+                        return out
+                out.append(_tuple_new(Record, (seq, fields[1])))
+                cursor = seq
+                if limit is not None and len(out) >= limit:
+                    return out
+            if len(entries) < n:
+                break
+        return out
+
+    async def last_seq(self, session: str) -> int:
+        self._check_open()
+        try:
+            value = await self._redis.get(self.key(session, "seq"))
+        except RedisError as exc:
+            raise StoreError(f"reading the last seq of {session!r} failed: {exc}") from exc
+        return int(value or 0)
+
+    async def sessions(self) -> list[str]:
+        self._check_open()
+        return [s.decode() for s in await self._redis.smembers(self.sessions_key)]
+
+    # ------------------------------------------------------------ the live feed
+
+    async def feed_synced(self, session: str) -> None:
+        """Wait until the reader follows ``session`` (it must have a follower). For tests and benchmarks."""
+        if session in self._cursor:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._synced.setdefault(session, []).append(fut)
+        await fut
+
+    def _on_first_follower(self, session: str) -> None:
+        if self._reader is None or self._closing:
+            return
+        if self.reader_phase == "idle":
+            self._reader_idle.set()
+        elif self.reader_phase == "blocked" and not self._wake_sent:
+            self._wake_sent = True
+            task = asyncio.ensure_future(self._wake())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        # "sync": the reader looks for new sessions again before it blocks.
+
+    async def _wake(self) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.execute_command("XADD", self.wake_key, "MAXLEN", "1", "*", "w", "1")
+            pipe.execute_command("PEXPIRE", self.wake_key, 86_400_000)  # outlives no crashed instance for long
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("could not wake the stream reader: %s", exc)
+
+    async def _run_reader(self) -> None:
+        conn = self._reader_conn
+        backoff = 0.05
+        while not self._closing:  # (redis-py may turn a cancellation into a ConnectionError)
+            try:
+                self._wake_sent = False
+                self.reader_phase = "sync"
+                await self._sync_followed()
+                if self._closing:
+                    return
+                if not self._cursor:
+                    self.reader_phase = "idle"
+                    await self._reader_idle.wait()
+                    self._reader_idle.clear()
+                    continue
+                self.reader_phase = "blocked"
+                (reply,) = await _exchange(conn, [self._xread_command()])
+                if isinstance(reply, Exception):
+                    raise reply
+                if reply:
+                    self._deliver(reply)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing:
+                    return
+                log.warning("stream reader: %r; retrying", exc)
+                self.reader_phase = "sync"
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                # Whatever happened meanwhile, followers re-read the log once.
+                for listeners in self.feed.followed().values():
+                    for listener in listeners:
+                        listener.resync()
+
+    def _xread_command(self) -> bytes:
+        """``XREAD BLOCK ms COUNT n STREAMS <keys…> <wake> <ids…> <wake id>``,
+        packed from the keys' cached RESP (a command over thousands of streams
+        is built on every round)."""
+        cursor = self._cursor
+        wake = self._wake_id
+        head = _pack(("XREAD", "BLOCK", self.block_ms, "COUNT", XREAD_COUNT, "STREAMS"))
+        parts = [b"*%d\r\n" % (6 + 2 * (len(cursor) + 1)), head[head.index(b"\r\n") + 2:]]
+        parts += [self._key_resp[s] for s in cursor]
+        parts.append(self._wake_resp)
+        for s in cursor:
+            sid = b"%d-0" % cursor[s]
+            parts.append(b"$%d\r\n%b\r\n" % (len(sid), sid))
+        parts.append(b"$%d\r\n%b\r\n" % (len(wake), wake))
+        return b"".join(parts)
+
+    def _deliver(self, reply: Any) -> None:
+        cursor = self._cursor
+        sessions = self._key_sessions
+        publish = self.feed.publish
+        # RESP3 answers a map, RESP2 a list of [key, entries] pairs.
+        for key, entries in (reply.items() if isinstance(reply, dict) else reply):
+            session = sessions.get(key)
+            if session is None:  # the wake stream
+                self._wake_id = entries[-1][0]
+                continue
+            last = cursor.get(session)
+            if last is None:  # no follower any more
+                continue
+            records = [_tuple_new(Record, (int(eid[:-2]), fields[1])) for eid, fields in entries]
+            if records[0].seq <= last:  # some were published by our own append already
+                records = [r for r in records if r.seq > last]
+                if not records:
+                    continue
+            cursor[session] = records[-1].seq
+            publish(session, records)
+
+    async def _sync_followed(self) -> None:
+        """Make the set the reader follows equal to the sessions with local followers."""
+        followed = self.feed.followed()
+        for s in [s for s in self._cursor if s not in followed]:
+            del self._cursor[s]
+            del self._key_sessions[self._log_keys.pop(s)]
+            del self._key_resp[s]
+        while True:
+            new = [s for s in followed if s not in self._cursor]
+            if not new:
+                return
+            values = await self._redis.mget([self.key(s, "seq") for s in new])
+            for s, v in zip(new, values):
+                listeners = followed.get(s)
+                if listeners is None:
+                    continue
+                start = int(v or 0)
+                self._cursor[s] = start
+                key = self.key(s, "log").encode()
+                self._log_keys[s] = key
+                self._key_sessions[key] = s
+                self._key_resp[s] = b"$%d\r\n%b\r\n" % (len(key), key)
+                if start:
+                    # A follower that subscribed before this start may have
+                    # read the log before it: it re-reads once.
+                    for listener in listeners:
+                        listener.resync()
+                for fut in self._synced.pop(s, ()):
+                    if not fut.done():
+                        fut.set_result(None)
+
+    # ------------------------------------------------------------ retention
+
+    async def compact(self, session: str | None = None, now_ms: int | None = None) -> int:
+        """Delete the chunks of turns that ended more than ``retention_s`` ago
+        (of one session, or of all). Returns how many events were deleted."""
+        self._check_open()
+        if self.retention_s is None:
+            return 0
+        cutoff = (now_ms if now_ms is not None else int(time.time() * 1000)) - int(self.retention_s * 1000)
+        if session is not None:
+            return await self._compact_session(session, cutoff)
+        removed = 0
+        batch: list[str] = []
+        async for member in self._redis.sscan_iter(self.sessions_key, count=1000):
+            batch.append(member.decode())
+            if len(batch) >= 500:
+                removed += await self._compact_sessions(batch, cutoff)
+                batch = []
+        return removed + await self._compact_sessions(batch, cutoff)
+
+    async def _compact_sessions(self, sessions: list[str], cutoff: int) -> int:
+        # One round trip finds which of these sessions have turns to compact.
+        pipe = self._redis.pipeline(transaction=False)
+        for s in sessions:
+            pipe.zrangebyscore(self.key(s, "ended"), "-inf", cutoff, start=0, num=1)
+        due = [s for s, members in zip(sessions, await pipe.execute()) if members]
+        return sum([await self._compact_session(s, cutoff) for s in due])
+
+    async def _compact_session(self, session: str, cutoff: int) -> int:
+        ended_key = self.key(session, "ended")
+        removed = 0
+        while True:
+            members = await self._redis.zrangebyscore(ended_key, "-inf", cutoff, start=0, num=256)
+            for member in members:
+                end_seq, _, turn_id = member.decode().partition(":")
+                removed += await self._compact_turn(session, int(end_seq), turn_id)
+                await self._redis.zrem(ended_key, member)
+            if len(members) < 256:
+                return removed
+
+    async def _compact_turn(self, session: str, end_seq: int, turn_id: str) -> int:
+        key = self.key(session, "log")
+        doomed: list[bytes] = []
+        hi = end_seq - 1
+        done = False
+        while hi > 0 and not done:
+            entries = await self._redis.execute_command("XREVRANGE", key, f"{hi}-0", "-", "COUNT", READ_CHUNK)
+            for eid, fields in entries:
+                head = _head_decoder.decode(fields[1])
+                if head.turn_id == turn_id:
+                    if head.type == "chunk":
+                        doomed.append(eid)
+                    elif head.type == "turn-start":
+                        done = True
+                        break
+            if len(entries) < READ_CHUNK:
+                break
+            hi = int(entries[-1][0][:-2]) - 1
+        for i in range(0, len(doomed), READ_CHUNK):
+            await self._redis.execute_command("XDEL", key, *doomed[i:i + READ_CHUNK])
+        return len(doomed)
+
+    async def _run_compactor(self) -> None:
+        assert self.compact_every_s is not None
+        lock = f"{self.prefix}:compactor"
+        while not self._closing:
+            await asyncio.sleep(self.compact_every_s)
+            try:
+                if await self._redis.set(lock, self.instance, nx=True, px=int(self.compact_every_s * 1000)):
+                    n = await self.compact()
+                    if n:
+                        log.info("compacted %d chunk events", n)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("compaction failed")

@@ -1,0 +1,1 @@
+"""Fakes that speak real wire formats over real sockets (see providers.py)."""

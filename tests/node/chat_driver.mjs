@@ -1,0 +1,212 @@
+// Drives the real AI SDK `Chat` (AbstractChat + DefaultChatTransport, no React)
+// against a live turnline server, for tests/integration/test_aisdk.py.
+//
+//   node chat_driver.mjs <ai5|ai6|ai7>
+//
+// Commands arrive as JSON lines on stdin; every command gets exactly one JSON
+// line on stdout, {"re": <its id>, ...}. `connect` names the server (its URL
+// and a token) for the chats made after it; `reset` stops and forgets them. Chat operations (send, resume,
+// regenerate) start in the background and report {"re": …, "settled": …}
+// when their promise settles, so a test can act while a turn streams.
+
+import { createRequire } from "node:module";
+import { createInterface } from "node:readline";
+
+const [major] = process.argv.slice(2);
+let server = null; // {base, token}
+const ai = await import(major);
+const { AbstractChat, DefaultChatTransport } = ai;
+
+// The state a UI framework would hold; every change is one "render".
+class PlainState {
+  #messages;
+  #status = "ready";
+  #error = undefined;
+  #listeners = new Set();
+
+  constructor(messages = []) {
+    this.#messages = messages;
+  }
+
+  get messages() { return this.#messages; }
+  set messages(messages) { this.#messages = messages; this.#changed(); }
+  get status() { return this.#status; }
+  set status(status) { this.#status = status; this.#changed(); }
+  get error() { return this.#error; }
+  set error(error) { this.#error = error; this.#changed(); }
+  pushMessage = (message) => { this.messages = this.#messages.concat(this.snapshot(message)); };
+  popMessage = () => { this.messages = this.#messages.slice(0, -1); };
+  replaceMessage = (index, message) => {
+    this.messages = [...this.#messages.slice(0, index), this.snapshot(message), ...this.#messages.slice(index + 1)];
+  };
+  snapshot = (value) => structuredClone(value);
+  onChange(listener) { this.#listeners.add(listener); return () => this.#listeners.delete(listener); }
+  #changed() { for (const listener of [...this.#listeners]) listener(); }
+}
+
+class PlainChat extends AbstractChat {
+  constructor({ messages, ...init }) {
+    const state = new PlainState(messages);
+    super({ ...init, state });
+    this.plain = state;
+  }
+}
+
+const chats = new Map();
+
+function textOf(message) {
+  return (message?.parts ?? []).filter((p) => p.type === "text").map((p) => p.text).join("");
+}
+
+function lastAssistant(chat) {
+  return [...chat.messages].reverse().find((m) => m.role === "assistant");
+}
+
+function view(chat) {
+  return {
+    status: chat.status,
+    error: chat.error ? String(chat.error.message ?? chat.error) : null,
+    messages: chat.messages,
+  };
+}
+
+function makeChat({ name, chatId, messages = [] }) {
+  const errors = [];
+  const { base, token } = server;
+  const chat = new PlainChat({
+    id: chatId,
+    messages,
+    transport: new DefaultChatTransport({
+      api: `${base}/api/chat`,
+      headers: () => ({ Authorization: `Bearer ${token}` }),
+    }),
+    onError: (error) => errors.push(String(error.message ?? error)),
+  });
+  chat.errors = errors;
+  chat.server = server;
+  chats.set(name, chat);
+  return chat;
+}
+
+function background(id, promise, chat) {
+  promise.then(
+    () => reply(id, { settled: "ok", ...view(chat), errors: chat.errors }),
+    (error) => reply(id, { settled: "threw", thrown: String(error?.message ?? error), ...view(chat) }),
+  );
+}
+
+// Resolves once `ready(chat)` holds (checked at every change of the state).
+function waitFor(chat, ready) {
+  return new Promise((resolve) => {
+    const check = () => {
+      if (ready(chat)) {
+        stop();
+        resolve();
+      }
+    };
+    const stop = chat.plain.onChange(check);
+    check();
+  });
+}
+
+const sameJson = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+const handlers = {
+  version: async () => ({
+    version: createRequire(import.meta.url)(`${major}/package.json`).version,
+    headers: ai.UI_MESSAGE_STREAM_HEADERS,
+  }),
+  connect: async (cmd) => { server = { base: cmd.base, token: cmd.token }; return {}; },
+  reset: async () => {
+    await Promise.all([...chats.values()].map((chat) => chat.stop().catch(() => {})));
+    chats.clear();
+    return {};
+  },
+  new: async (cmd) => { makeChat(cmd); return {}; },
+  send: async (cmd) => {
+    const chat = chats.get(cmd.name);
+    const message = cmd.message ?? { text: cmd.text };
+    background(cmd.id, chat.sendMessage(message, cmd.options), chat);
+    return null; // answered when it settles
+  },
+  regenerate: async (cmd) => {
+    const chat = chats.get(cmd.name);
+    background(cmd.id, chat.regenerate(cmd.messageId ? { messageId: cmd.messageId } : {}), chat);
+    return null;
+  },
+  resume: async (cmd) => {
+    const chat = chats.get(cmd.name);
+    background(cmd.id, chat.resumeStream(), chat);
+    return null;
+  },
+  // until the last assistant message shows `text`
+  "wait-text": async (cmd) => {
+    const chat = chats.get(cmd.name);
+    await waitFor(chat, () => textOf(lastAssistant(chat)).includes(cmd.text));
+    return view(chat);
+  },
+  // until part `index` of the last assistant message has the fields of `match`
+  "wait-part": async (cmd) => {
+    const chat = chats.get(cmd.name);
+    await waitFor(chat, () => {
+      const part = lastAssistant(chat)?.parts[cmd.index];
+      return part != null && Object.entries(cmd.match).every(([k, v]) => sameJson(part[k], v));
+    });
+    return view(chat);
+  },
+  "wait-status": async (cmd) => {
+    const chat = chats.get(cmd.name);
+    await waitFor(chat, () => chat.status === cmd.status);
+    return view(chat);
+  },
+  // The AI SDK's own stop(): aborts the fetch, keeps what was shown.
+  stop: async (cmd) => {
+    const chat = chats.get(cmd.name);
+    await chat.stop();
+    return view(chat);
+  },
+  // What a stop button does against turnline: stop(), then tell the server
+  // what this client showed, so that is what it saves.
+  "post-stop": async (cmd) => {
+    const chat = chats.get(cmd.name);
+    const shown = lastAssistant(chat);
+    const body = cmd.body ?? { messageId: shown.id, parts: shown.parts };
+    const { base, token } = chat.server;
+    const response = await fetch(`${base}/api/chat/${encodeURIComponent(chat.id)}/stop`, {
+      method: "POST",
+      headers: { "content-type": "application/json", Authorization: `Bearer ${token}` },
+      body: JSON.stringify(body),
+    });
+    return { status: response.status, body: await response.json(), sent: body };
+  },
+  // drop the last assistant message (ai 5's workaround before resuming mid tool input)
+  "forget-partial": async (cmd) => {
+    const chat = chats.get(cmd.name);
+    const partial = lastAssistant(chat);
+    chat.messages = chat.messages.filter((m) => m.id !== partial.id);
+    return view(chat);
+  },
+  state: async (cmd) => view(chats.get(cmd.name)),
+};
+
+function reply(id, payload) {
+  process.stdout.write(JSON.stringify({ re: id, ...payload }) + "\n");
+}
+
+const lines = createInterface({ input: process.stdin });
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  const cmd = JSON.parse(line);
+  if (cmd.cmd === "exit") break;
+  const handler = handlers[cmd.cmd];
+  if (!handler) {
+    reply(cmd.id, { failed: `unknown command ${cmd.cmd}` });
+    continue;
+  }
+  handler(cmd).then(
+    (payload) => { if (payload !== null) reply(cmd.id, payload); },
+    (error) => reply(cmd.id, { failed: String(error?.stack ?? error) }),
+  );
+}
+for (const chat of chats.values()) await chat.stop().catch(() => {});
+process.exit(0);

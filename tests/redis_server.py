@@ -1,0 +1,142 @@
+"""A Redis for tests, benchmarks and scripts, with nothing set up by hand.
+
+``redis_for_tests()`` yields a URL: ``redis://127.0.0.1:6379`` when a server
+answers PING there, otherwise a throwaway ``redis-server`` started on a free
+port (nothing saved to disk) and stopped afterwards. ``scratch_prefix(url)``
+yields a random key prefix and deletes its keys afterwards, so tests share a
+server without seeing each other (never FLUSHALL: others use it too).
+
+As a script (``scripts/redis-ensure`` runs it) it prints a reachable URL,
+starting a throwaway server that keeps running in the background when none
+answers; ``--stop`` stops the throwaway servers it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_URL = "redis://127.0.0.1:6379"
+START_TIMEOUT_S = 10.0
+STATE_DIR = Path(__file__).resolve().parents[1] / ".turnline" / "redis-ensure"
+
+
+def ping(host: str = "127.0.0.1", port: int = 6379, timeout: float = 0.5) -> bool:
+    """Does a Redis answer PING at host:port? (A raw RESP exchange: no client library needed.)"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(directory: str, *, daemonize: bool = False) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """Start ``redis-server`` on a free loopback port; returns (port, process or None when daemonized)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed and no Redis answers on 127.0.0.1:6379: "
+                           "run scripts/ensure-system-deps (make test does)")
+    port = _free_port()
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", directory]
+    if daemonize:
+        cmd += ["--daemonize", "yes", "--pidfile", os.path.join(directory, "redis.pid"),
+                "--logfile", os.path.join(directory, "redis.log")]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        proc = None
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ping(port=port):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            raise RuntimeError(f"redis-server did not answer on port {port}")
+        time.sleep(0.02)
+    return port, proc
+
+
+@contextlib.contextmanager
+def redis_for_tests() -> Iterator[str]:
+    """The shared local Redis if it answers, else a throwaway one for the duration."""
+    if ping():
+        yield DEFAULT_URL
+        return
+    with tempfile.TemporaryDirectory(prefix="turnline-redis-") as tmp:
+        port, proc = start_server(tmp)
+        assert proc is not None
+        try:
+            yield f"redis://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def scratch_prefix(url: str) -> Iterator[str]:
+    """A random key prefix; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i:i + 500])
+        finally:
+            client.close()
+
+
+def main(argv: list[str]) -> int:
+    if "--stop" in argv:
+        for pidfile in STATE_DIR.glob("*/redis.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            shutil.rmtree(pidfile.parent, ignore_errors=True)
+        return 0
+    if ping():
+        print(DEFAULT_URL)
+        return 0
+    for url_file in STATE_DIR.glob("*/url"):  # one we started before, still running?
+        port = int(url_file.read_text().rsplit(":", 1)[1])
+        if ping(port=port):
+            print(url_file.read_text().strip())
+            return 0
+        shutil.rmtree(url_file.parent, ignore_errors=True)
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    directory = tempfile.mkdtemp(dir=STATE_DIR)
+    port, _ = start_server(directory, daemonize=True)
+    url = f"redis://127.0.0.1:{port}"
+    Path(directory, "url").write_text(url + "\n")
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
