@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
 import pytest
@@ -1193,3 +1194,51 @@ async def test_presence_says_offline_when_no_agent_runs_the_session(make_runtime
     await wait_end(hub, tid)
     events = await settled(hub)
     assert [e.state for e in events if isinstance(e, Presence)][:1] == ["offline"]
+
+
+# ----------------------------------------------------------------- idle eviction
+
+
+async def test_idle_hubs_are_evicted_and_reload_from_the_log(make_runtime) -> None:
+    gate = asyncio.Event()
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("ok")
+        if turn.input.parts[0]["text"] == "hold":
+            await gate.wait()
+
+    rt = make_runtime(respond, idle_evict_s=60.0)
+    idle_hub = await rt.hub("idle")
+    await wait_end(idle_hub, await send(idle_hub, "done"))
+    busy_hub = await rt.hub("busy")
+    held = await send(busy_hub, "hold")
+    await until(lambda: idle_hub.idle, "idle")
+    later = time.monotonic() + 61
+    assert rt.evict_idle(now=later) == 1  # the one with a running turn stays
+    assert rt.loaded("idle") is None and rt.loaded("busy") is busy_hub
+    reloaded = await rt.hub("idle")
+    assert reloaded is not idle_hub and reloaded.state.last_seq == idle_hub.state.last_seq
+    assert [m.id for m in reloaded.state.branch()] == [m.id for m in idle_hub.state.branch()]
+    gate.set()
+    await wait_end(busy_hub, held)
+
+
+async def test_an_evicted_hub_still_in_use_is_readmitted_unless_the_session_was_reloaded(make_runtime) -> None:
+    rt = make_runtime(lambda turn: turn.write("ok"), idle_evict_s=60.0)
+    hub = await rt.hub("s")
+    await wait_end(hub, await send(hub, "one"))
+    await until(lambda: hub.idle, "idle")
+    assert rt.evict_idle(now=time.monotonic() + 61) == 1
+    # A command that began before the eviction writes through the same hub,
+    # which becomes the session's hub again: never two writers.
+    await wait_end(hub, await send(hub, "two"))
+    assert rt.loaded("s") is hub
+    await until(lambda: hub.idle, "idle")
+    assert rt.evict_idle(now=time.monotonic() + 61) == 1
+    fresh = await rt.hub("s")
+    assert fresh is not hub
+    with pytest.raises(runtime_module.CommandError) as err:
+        await hub.send("alice", [user_message("stale")])
+    assert err.value.code == "conflict"
+    await wait_end(fresh, await send(fresh, "three"))
+    assert [e.seq for e in await settled(fresh)] == list(range(1, fresh.state.last_seq + 1))

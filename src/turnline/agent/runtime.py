@@ -53,6 +53,9 @@ class RuntimeConfig:
     max_outbox: int = 2048
     # The error message of a turn found running with no runner (recover()).
     lost_message: str = "the server restarted while this turn ran"
+    # A session with nothing running is dropped from memory after this long
+    # unused (None: never); its next use reloads it from the log.
+    idle_evict_s: float | None = 300.0
 
 
 @dataclass
@@ -97,6 +100,8 @@ class SessionHub:
         self._background: set[asyncio.Task[None]] = set()
         self.broken: BaseException | None = None
         self.closing = False  # shutting down: queued inputs wait for the next start
+        self.last_used = time.monotonic()
+        self.evicted = False
 
     @property
     def store(self) -> EventLog:
@@ -119,6 +124,9 @@ class SessionHub:
         The future resolves when they are durable."""
         if self.broken is not None:
             raise CommandError(ErrorCode.INTERNAL, f"session store failed: {self.broken}")
+        if self.evicted:
+            self.runtime._readmit(self)
+        self.last_used = time.monotonic()
         ts = time.time_ns() // 1_000_000
         applied = 0
         try:
@@ -614,12 +622,14 @@ class Runtime:
         self.agent_id = agent_id
         self._hubs: dict[str, SessionHub] = {}
         self._loading: dict[str, asyncio.Future[SessionHub]] = {}
+        self._sweeper: asyncio.Future[None] | None = None
 
     async def hub(self, session_id: str, *, fence: str | None = None) -> SessionHub:
         """The session's hub, loaded on first use (replaying the log and
         recovering turns that lost their runner). ``fence``: see SessionHub."""
         hub = self._hubs.get(session_id)
         if hub is not None:
+            hub.last_used = time.monotonic()
             return hub
         loading = self._loading.get(session_id)
         if loading is not None:
@@ -653,6 +663,38 @@ class Runtime:
 
     async def start(self) -> None:
         """Start background work (the app calls it once the store is open)."""
+        ttl = self.config.idle_evict_s
+        if ttl is not None and self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep(min(ttl / 2, 60.0)))
+
+    async def _sweep(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.evict_idle()
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Drop idle hubs unused for ``idle_evict_s`` (their state is all in the
+        log). Hubs holding in-memory decisions (pending cancels) stay."""
+        ttl = self.config.idle_evict_s
+        if ttl is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        stale = [h for h in self._hubs.values()
+                 if h.idle and not h.state.pending_cancels and not h._privileged_pending
+                 and now - h.last_used >= ttl]
+        for hub in stale:
+            del self._hubs[hub.session_id]
+            hub.evicted = True
+        return len(stale)
+
+    def _readmit(self, hub: SessionHub) -> None:
+        """An evicted hub asked to write (a command that began before its
+        eviction): its state is still exact unless the session was reloaded."""
+        if self._hubs.get(hub.session_id) is None and hub.session_id not in self._loading:
+            self._hubs[hub.session_id] = hub
+            hub.evicted = False
+            return
+        raise CommandError(ErrorCode.CONFLICT, "the session was reloaded meanwhile; send the request again")
 
     async def exists(self, session_id: str) -> bool:
         hub = self._hubs.get(session_id)
@@ -665,6 +707,8 @@ class Runtime:
             del self._hubs[hub.session_id]
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await asyncio.gather(*(h.shutdown() for h in list(self._hubs.values())), return_exceptions=True)
 
     async def read(self, session_id: str, after: int = 0, limit: int | None = None) -> list[Record]:
