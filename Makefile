@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# Silero VAD's wheel pins torch, which it does not need: its ONNX model runs on onnxruntime.
+	$(BIN)/python -m pip install --quiet onnxruntime && $(BIN)/python -m pip install --quiet --no-deps silero-vad
 	@touch $(STAMP)
 
 serve: $(STAMP)

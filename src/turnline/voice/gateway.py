@@ -1,0 +1,162 @@
+"""The voice pipeline on the WebSocket: voice ops and binary audio frames.
+
+``voice`` sits above ``server`` (imports point down), so the server does not
+know this module: it hands binary frames, the voice ops and the close of a
+connection to whatever object is installed as ``app.voice``.
+:func:`install_voice` installs a :class:`VoiceGateway` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..agent.runtime import CommandError
+from ..protocol import ErrorCode, Interrupt, Played, Transcript, VoiceStart, VoiceStop, ack_frame, encode
+from ..protocol_audio import SAMPLE_RATE, AudioFrameError, check_audio_in, decode_audio
+from .metrics import voice_metrics
+from .session import FRAME_MS, Interruption, VoiceConfig, VoiceOptions, VoiceSession
+
+log = logging.getLogger("turnline.voice")
+
+
+class _ConnectionSink:
+    """A voice session's output into one WebSocket connection's send queue."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def send_audio(self, frame: bytes) -> None:
+        self.conn.push_binary(frame)
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        self.conn.push(encode(frame))
+
+
+class VoiceGateway:
+    """Voice sessions of one server, at most one per session id."""
+
+    def __init__(self, app: Any, config: VoiceConfig | None = None):
+        self.app = app
+        self.runtime = app.runtime
+        self.config = config or VoiceConfig()
+        self.metrics = voice_metrics(self.runtime.metrics.registry)
+        self.sessions: dict[str, VoiceSession] = {}
+        self._peers: dict[str, Any] = {}  # session id → the connection that plays it
+
+    def session(self, session_id: str) -> VoiceSession | None:
+        return self.sessions.get(session_id)
+
+    async def start(self, session_id: str, client_id: str, sink: Any, *, history: str | None = None,
+                    options: VoiceOptions | None = None, may_cancel_others: bool = False) -> VoiceSession:
+        """Start voice on a session, with ``sink`` playing it (the Python API;
+        ``voice-start`` does the same for a WebSocket peer)."""
+        if session_id in self.sessions:
+            raise CommandError(ErrorCode.CONFLICT, f"voice already runs on session {session_id}")
+        try:
+            voice = VoiceSession(self.runtime, session_id, client_id, sink, self.config, self.metrics,
+                                 history=history, options=options,  # type: ignore[arg-type]
+                                 may_cancel_others=may_cancel_others, on_close=self._closed)
+        except (ValueError, RuntimeError) as exc:
+            raise CommandError(ErrorCode.BAD_FRAME, f"voice options: {exc}") from None
+        self.sessions[session_id] = voice
+        await voice.start()
+        return voice
+
+    def _closed(self, voice: VoiceSession) -> None:
+        if self.sessions.get(voice.session_id) is voice:
+            del self.sessions[voice.session_id]
+            self._peers.pop(voice.session_id, None)
+
+    async def close(self) -> None:
+        for voice in list(self.sessions.values()):
+            await voice.close("shutdown")
+
+    # ------------------------------------------------------------ the server's hook
+
+    def _peer_session(self, conn: Any, session_id: str) -> VoiceSession:
+        voice = self.sessions.get(session_id)
+        if voice is None or self._peers.get(session_id) is not conn:
+            raise CommandError(ErrorCode.CONFLICT, f"this connection has not started voice on {session_id} "
+                                                   f"(send voice-start first)")
+        return voice
+
+    async def frame(self, conn: Any, frame: Any) -> tuple[asyncio.Future[None] | None, bytes]:
+        who = conn.principal
+        if isinstance(frame, VoiceStart):
+            _require(who, frame.session, "publish")
+            options = VoiceOptions.parse(frame.options)
+            if frame.session in self.sessions:
+                if self._peers.get(frame.session) is not conn:
+                    raise CommandError(ErrorCode.CONFLICT, f"another connection runs voice on {frame.session}")
+                await self.sessions[frame.session].close("voice_restarted")
+            voice = await self.start(frame.session, who.client_id, _ConnectionSink(conn), history=frame.history,
+                                     options=options, may_cancel_others=who.can(frame.session, "cancel-any"))
+            self._peers[frame.session] = conn
+            return None, ack_frame(frame.id, session=frame.session, sample_rate=SAMPLE_RATE, frame_ms=FRAME_MS,
+                                   vad=voice.vad_name, vad_frame_ms=voice.vad.frame_ms, history=voice.history)
+        if isinstance(frame, VoiceStop):
+            await self._peer_session(conn, frame.session).close("voice_stopped")
+            return None, ack_frame(frame.id, session=frame.session)
+        if isinstance(frame, Transcript):
+            await self._peer_session(conn, frame.session).transcript(frame.text, frame.final)
+            return None, ack_frame(frame.id, session=frame.session)
+        if isinstance(frame, Played):
+            _require(who, frame.session, "publish")
+            hub = await self.app.existing_hub(frame.session)
+            if frame.turn_id not in hub.state.turns:
+                raise CommandError(ErrorCode.NOT_FOUND, f"no turn {frame.turn_id}")
+            self._peer_session(conn, frame.session).played(frame.turn_id, frame.ms, frame.final)
+            return None, ack_frame(frame.id, session=frame.session, turn_id=frame.turn_id, ms=frame.ms)
+        if isinstance(frame, Interrupt):
+            _require(who, frame.session, "cancel")
+            voice = self.sessions.get(frame.session)
+            if voice is None:
+                raise CommandError(ErrorCode.CONFLICT, f"no voice runs on session {frame.session}")
+            others = who.can(frame.session, "cancel-any")
+            if who.client_id != voice.client_id and not others:
+                raise CommandError(ErrorCode.FORBIDDEN, "interrupting another client's voice needs cancel-any")
+            it: Interruption | None
+            if frame.mode == "speech":
+                it = await voice.interrupt_speech(frame.reason, requester=who.client_id)
+            else:
+                it = await voice.interrupt_response(frame.reason, requester=who.client_id, may_cancel_others=others)
+            fields: dict[str, Any] = {"session": frame.session, "mode": frame.mode,
+                                      "turn_id": it.turn_id if it else None,
+                                      "played_ms": it.played_ms if it else 0}
+            if it is not None and frame.mode == "response":
+                fields["cancelled"] = it.cancelled
+            return (it.durable if it else None), ack_frame(frame.id, **fields)
+        raise CommandError(ErrorCode.UNKNOWN_OP, "unknown voice op")
+
+    async def audio(self, conn: Any, data: bytes) -> None:
+        frame = check_audio_in(decode_audio(data))
+        if not conn.principal.can(frame.session, "publish"):
+            raise AudioFrameError(ErrorCode.FORBIDDEN, f"token of {conn.principal.client_id!r} may not publish "
+                                                       f"on {frame.session!r}", frame.session)
+        voice = self.sessions.get(frame.session)
+        if voice is None or self._peers.get(frame.session) is not conn:
+            raise AudioFrameError(ErrorCode.CONFLICT, f"this connection has not started voice on {frame.session} "
+                                                      f"(send voice-start first)", frame.session)
+        await voice.audio(frame.pcm)
+
+    async def closed(self, conn: Any) -> None:
+        for session_id, peer in list(self._peers.items()):
+            if peer is conn:
+                voice = self.sessions.get(session_id)
+                if voice is not None:
+                    await voice.close("disconnected")
+
+
+def _require(principal: Any, session: str, action: str) -> None:
+    if not principal.can(session, action):
+        raise CommandError(ErrorCode.FORBIDDEN, f"token of {principal.client_id!r} may not {action} on {session!r}")
+
+
+def install_voice(app: Any, config: VoiceConfig | None = None) -> VoiceGateway:
+    """Run the voice pipeline on a :class:`turnline.server.app.TurnlineApp`:
+    voice ops and binary audio frames on its WebSocket."""
+    gateway = VoiceGateway(app, config)
+    app.voice = gateway
+    return gateway
