@@ -24,7 +24,7 @@ import httpx
 import jwt
 import pytest
 
-from conftest import SECRET
+from servers import SECRET
 from turnline.server.auth import mint
 from wsraw import Gate, RawWS, settled_log
 

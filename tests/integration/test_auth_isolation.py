@@ -34,7 +34,7 @@ import httpx
 import jwt
 import pytest
 
-from conftest import SECRET, RunningServer, start_server
+from servers import SECRET, RunningServer, start_server
 from hostile import run
 from turnline.protocol import CLIENT_OPS
 from turnline.server.auth import mint

@@ -41,7 +41,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import free_port
+from servers import free_port
 from turnline.server.auth import mint
 from wsraw import RawWS, assert_gapless, text_of
 

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SECRET, RunningServer, start_server
+from servers import SECRET, RunningServer, start_server
 from hostile import (
     BODIES, GOOD_BODIES, ID_FIELDS, SEQ_MAX, TRICKY_IDS, Call, Hostile, Target, with_field, answer, assert_no_internal_error,
     base_frames, check_answer, check_response, hostile_calls, hostile_frames, request, run, valid_ids,

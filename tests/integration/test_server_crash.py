@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import free_port
+from servers import free_port
 from turnline.server.auth import mint
 from wsraw import RawWS, assert_gapless, text_of
 
