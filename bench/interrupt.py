@@ -205,7 +205,8 @@ async def measure_queue(n_queued: int = 100, solo_runs: int = 30, pipelined: boo
                 queued += bool(ack.get("queued"))
                 rejected += bool(ack.get("rejected"))
             t_sent = time.monotonic_ns()
-            ends = 0
+            # (every turn-end may have arrived while the acks were read)
+            ends = sum(1 for _, e in c.log if e["type"] == "turn-end")
             deadline = time.monotonic() + 60
             while ends < n_queued + 1 - rejected and time.monotonic() < deadline:
                 await asyncio.wait_for(c.pump(), 30)

@@ -327,7 +327,11 @@ class ClientTransport:
                 attempt += 1
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.max_backoff, self.initial_backoff * (2 ** min(attempt, 30)))
+        if attempt == 0:
+            # A drop of a healthy connection is retried at once (a little
+            # jitter spreads a herd); repeated failures back off exponentially.
+            return random.uniform(0, self.initial_backoff / 10)
+        ceiling = min(self.max_backoff, self.initial_backoff * (2 ** min(attempt - 1, 30)))
         return ceiling * random.uniform(0.5, 1.0)
 
     def _shutdown(self, error: TurnlineError) -> None:
