@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.parametrize("path, kind", [
     ("/", "text/html"), ("/turnline.js", "text/javascript"), ("/app.js", "text/javascript"),
-    ("/style.css", "text/css"),
+    ("/ui.js", "text/javascript"), ("/style.css", "text/css"),
 ])
 def test_the_page_and_the_module_are_served_with_their_types(serve: Any, path: str, kind: str) -> None:
     srv = serve(server_config={"dev": True})

@@ -35,7 +35,8 @@ NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 MAJORS = ["ai5", "ai6", "ai7"]
 TIMEOUT = 20.0
 WORDS = [f"w{i} " for i in range(10)]
-# The AI SDK's UI_MESSAGE_STREAM_HEADERS (the same in majors 5 to 7).
+# The AI SDK's UI_MESSAGE_STREAM_HEADERS (the same in majors 5 to 7), written out rather
+# than imported from turnline.server.aisdk, so that a change to the server's copy fails here.
 UI_MESSAGE_STREAM_HEADERS = {
     "content-type": "text/event-stream",
     "cache-control": "no-cache",

@@ -26,27 +26,16 @@ import pytest
 
 from servers import SECRET
 from turnline.server.auth import mint
-from wsraw import Gate, RawWS, settled_log
+from wsraw import Gate, RawWS, held_agent, settled_log
 
 ROOT = Path(__file__).resolve().parents[2]
 TURNLINE = str(Path(sys.executable).with_name("turnline"))
 TIMEOUT = 5.0
 
 
-def make_agent(gate: Gate) -> Any:
-    async def agent(turn: Any):
-        prompt = " ".join(p.get("text", "") for p in turn.input.parts)
-        yield "ok "
-        if prompt.startswith("hold"):
-            await gate.wait()
-        yield "done"
-
-    return agent
-
-
 @pytest.fixture
 def srv(serve: Any, gate: Gate) -> Any:
-    return serve(agent=make_agent(gate))
+    return serve(agent=held_agent(gate))
 
 
 def hello(session: str, **extra: Any) -> dict[str, Any]:

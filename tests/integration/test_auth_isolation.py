@@ -39,7 +39,7 @@ from hostile import run
 from turnline.protocol import CLIENT_OPS
 from turnline.server.auth import mint
 from turnline.voice import VoiceConfig, install_voice
-from wsraw import Gate, RawWS, settled_log
+from wsraw import Gate, RawWS, held_agent, settled_log
 
 EVERYTHING = ["subscribe", "publish", "cancel", "cancel-any", "admin"]
 OWNER_CAPS = {"*": EVERYTHING}
@@ -50,17 +50,6 @@ SCOPES = {
 }
 ALL_SESSIONS = sorted({s for _, inside, outside in SCOPES.values() for s in [inside, *outside]})
 TIMEOUT = 10.0
-
-
-def agent_with(gate: Gate) -> Any:
-    async def agent(turn: Any):
-        prompt = " ".join(p.get("text", "") for p in turn.input.parts)
-        yield "ok "
-        if prompt.startswith("hold"):
-            await gate.wait()
-        yield "done"
-
-    return agent
 
 
 def say(text: str, **extra: Any) -> dict[str, Any]:
@@ -106,7 +95,7 @@ async def make_victim(srv: RunningServer, session: str) -> Victim:
 @pytest.fixture(scope="module")
 def world() -> Any:
     gate = Gate()
-    srv = start_server(agent=agent_with(gate))
+    srv = start_server(agent=held_agent(gate))
     srv.call(_install_voice(srv))  # so the voice ops meet their own auth checks
     loop = asyncio.new_event_loop()
     w = World(srv, loop, gate, {})
@@ -274,7 +263,7 @@ async def _active(srv: RunningServer, session: str) -> list[str]:
 
 
 async def test_without_cancel_any_no_filter_stops_another_clients_turns(serve: Any, gate: Gate) -> None:
-    srv = serve(agent=agent_with(gate))
+    srv = serve(agent=held_agent(gate))
     s = "shared-1"
     bob = await RawWS.open(srv.ws, srv.token("bob"))
     await bob.subscribe(s)
@@ -392,7 +381,7 @@ SPOOF = {"client_id": "mallory", "sub": "mallory", "owner": "mallory", "requeste
 
 
 async def test_identity_is_never_taken_from_frames_bodies_queries_or_headers(serve: Any, gate: Gate) -> None:
-    srv = serve(agent=agent_with(gate))
+    srv = serve(agent=held_agent(gate))
     s = "ident-1"
     token = srv.token("alice")
     ws = await RawWS.open(srv.ws, token, query="client_id=mallory&sub=mallory")

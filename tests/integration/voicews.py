@@ -4,11 +4,9 @@ plays audio only when the test says so (by acknowledging it)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed
 from wsraw import RawWS
 
 from turnline.protocol_audio import AudioFrame, audio_in, decode_audio
@@ -23,39 +21,17 @@ class VoicePeer(RawWS):
         self._seq = 0
         super().__init__(conn)
 
-    async def _read(self) -> None:
-        try:
-            async for raw in self.conn:
-                if isinstance(raw, bytes):
-                    frame = decode_audio(raw)
-                    self.audio.append(frame)
-                    self.order.append(("audio", frame))
-                    self._poke()
-                    continue
-                frame = json.loads(raw)
-                self.frames.append(frame)
-                op = frame.get("op")
-                if op in ("voice", "transcript"):
-                    self.signals.append(frame)
-                    self.order.append(("signal", frame))
-                elif op == "event":
-                    self.events[frame["session"]].append(frame["event"])
-                elif op == "events":
-                    self.events[frame["session"]].extend(frame["events"])
-                elif op == "pong":
-                    self.pongs += 1
-                elif op in ("ack", "error"):
-                    if op == "error":
-                        self.errors.append(frame)
-                    if frame.get("id") is not None:
-                        self.replies[frame["id"]] = frame
-                self._poke()
-        except ConnectionClosed as exc:
-            self.closed = exc
-        finally:
-            if self.closed is None:
-                self.closed = ConnectionClosed(None, None)
-            self._poke()
+    def _receive(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            frame = decode_audio(raw)
+            self.audio.append(frame)
+            self.order.append(("audio", frame))
+            return
+        super()._receive(raw)
+        frame = self.frames[-1]
+        if frame.get("op") in ("voice", "transcript"):
+            self.signals.append(frame)
+            self.order.append(("signal", frame))
 
     # ------------------------------------------------------------ audio
 

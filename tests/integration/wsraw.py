@@ -70,21 +70,7 @@ class RawWS:
     async def _read(self) -> None:
         try:
             async for raw in self.conn:
-                frame = json.loads(raw)
-                self.frames.append(frame)
-                op = frame.get("op")
-                if op == "event":
-                    self.events[frame["session"]].append(frame["event"])
-                elif op == "events":
-                    self.events[frame["session"]].extend(frame["events"])
-                elif op == "pong":
-                    self.pongs += 1
-                elif op in ("ack", "error"):
-                    if op == "error":
-                        self.errors.append(frame)
-                    if frame.get("id") is not None:
-                        assert frame["id"] not in self.replies, f"two replies for frame id {frame['id']!r}"
-                        self.replies[frame["id"]] = frame
+                self._receive(raw)
                 self._poke()
         except ConnectionClosed as exc:
             self.closed = exc
@@ -92,6 +78,24 @@ class RawWS:
             if self.closed is None:
                 self.closed = ConnectionClosed(None, None)
             self._poke()
+
+    def _receive(self, raw: str | bytes) -> None:
+        """Sort one frame (a subclass may take the frames it knows first)."""
+        frame = json.loads(raw)
+        self.frames.append(frame)
+        op = frame.get("op")
+        if op == "event":
+            self.events[frame["session"]].append(frame["event"])
+        elif op == "events":
+            self.events[frame["session"]].extend(frame["events"])
+        elif op == "pong":
+            self.pongs += 1
+        elif op in ("ack", "error"):
+            if op == "error":
+                self.errors.append(frame)
+            if frame.get("id") is not None:
+                assert frame["id"] not in self.replies, f"two replies for frame id {frame['id']!r}"
+                self.replies[frame["id"]] = frame
 
     def _poke(self) -> None:
         self._changed.set()
@@ -238,3 +242,17 @@ class Gate:
             self.event.clear()
 
         srv.call(clear())
+
+
+def held_agent(gate: Gate) -> Any:
+    """An agent answering "ok done"; a prompt starting with ``hold`` waits at
+    ``gate`` between the two words (a turn kept running until the test says)."""
+
+    async def agent(turn: Any):
+        prompt = " ".join(p.get("text", "") for p in turn.input.parts)
+        yield "ok "
+        if prompt.startswith("hold"):
+            await gate.wait()
+        yield "done"
+
+    return agent

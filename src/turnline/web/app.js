@@ -4,6 +4,8 @@
 // /v1/dev/token; ?token=… in the URL uses a fixed token instead.
 
 import { connect, isValidId, messageText, newId } from "./turnline.js";
+import { browserUser, escapeHtml, messageSig, reconcile, sessionFromHash, showToast, storage, tokenOptions, truncate }
+  from "./ui.js";
 
 const $ = (sel) => document.querySelector(sel);
 const els = {
@@ -25,41 +27,9 @@ const POLICY_HINTS = {
 };
 const PRESENCE_LABELS = { idle: "Ready", thinking: "Thinking…", streaming: "Writing…", offline: "Agent offline" };
 
-const storage = {
-  get(key, fallback = null) {
-    try {
-      const v = localStorage.getItem(key);
-      return v === null ? fallback : JSON.parse(v);
-    } catch {
-      return fallback;
-    }
-  },
-  set(key, value) {
-    try {
-      localStorage.setItem(key, JSON.stringify(value));
-    } catch { /* private mode: the demo works without it */ }
-  },
-};
-
 // One identity per browser profile: every tab of it is the same user, so a
 // second tab may stop what the first one started.
-let user = storage.get("turnline.user");
-if (!isValidId(user)) storage.set("turnline.user", (user = newId("user")));
-const fixedToken = new URLSearchParams(location.search).get("token");
-
-async function devToken() {
-  const r = await fetch(`/v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
-  if (!r.ok) {
-    ui.tokenProblem = r.status === 404
-      ? "This server is not in dev mode: open the page with ?token=… (turnline token --sub NAME)."
-      : `Could not get a token (HTTP ${r.status}).`;
-    throw new Error(ui.tokenProblem);
-  }
-  ui.tokenProblem = null;
-  return (await r.json()).token;
-}
-
-const conn = connect(fixedToken ? { url: "/v1/ws", token: fixedToken } : { url: "/v1/ws", getToken: devToken });
+const user = browserUser();
 
 const ui = {
   editing: null, // id of the message being edited
@@ -69,14 +39,10 @@ const ui = {
   tokenProblem: null,
   forceScroll: true,
 };
+const conn = connect({ url: "/v1/ws", ...tokenOptions(user, ui) });
 let chat = null;
 
 // ------------------------------------------------------------------ sessions and routing
-
-function sessionFromHash() {
-  const id = decodeURIComponent(location.hash.slice(1));
-  return isValidId(id) ? id : null;
-}
 
 function openChat(id) {
   if (chat?.id === id) return;
@@ -272,33 +238,7 @@ function messageBlock(view, m, inLane, next = null) {
 function renderThread(view) {
   const blocks = threadBlocks(view);
   els.empty.hidden = blocks.length > 0;
-  reconcile(els.inner, blocks);
-}
-
-function reconcile(container, blocks) {
-  const existing = new Map();
-  for (const el of container.children) existing.set(el.dataset.key, el);
-  let prev = null;
-  for (const b of blocks) {
-    let el = existing.get(b.key);
-    existing.delete(b.key);
-    if (!el) {
-      el = document.createElement("div");
-      el.dataset.key = b.key;
-    }
-    patch(el, b);
-    const next = prev ? prev.nextSibling : container.firstChild;
-    if (el !== next) container.insertBefore(el, next);
-    prev = el;
-  }
-  for (const el of existing.values()) el.remove();
-}
-
-const partsSig = new WeakMap();
-function sigOf(message) {
-  let s = partsSig.get(message);
-  if (s === undefined) partsSig.set(message, (s = JSON.stringify([message.parts, message.metadata ?? null])));
-  return s;
+  reconcile(els.inner, blocks, patch);
 }
 
 function patch(el, b) {
@@ -313,7 +253,7 @@ function patch(el, b) {
       el.append(col);
     }
     while (el.children.length > b.columns.length) el.lastChild.remove();
-    b.columns.forEach((blocks, i) => reconcile(el.children[i], blocks));
+    b.columns.forEach((blocks, i) => reconcile(el.children[i], blocks, patch));
     return;
   }
   if (b.kind === "rejected") {
@@ -329,7 +269,7 @@ function patch(el, b) {
     return;
   }
   const m = b.message;
-  const sig = [sigOf(m), b.status, b.sibIndex, b.sibCount, b.hidden, b.followedByUser, b.editing,
+  const sig = [messageSig(m), b.status, b.sibIndex, b.sibCount, b.hidden, b.followedByUser, b.editing,
     b.queued ? b.queued.turnId ?? "pending" : "", b.inLane].join("|");
   if (el._sig === sig) return;
   el._sig = sig;
@@ -450,9 +390,6 @@ function toolHtml(p) {
 
 // ------------------------------------------------------------------ markdown, just enough
 
-function escapeHtml(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-}
 const attr = escapeHtml;
 
 function inlineMd(text) {
@@ -520,11 +457,6 @@ function renderMarkdown(src) {
   return out.join("");
 }
 
-function truncate(s, n) {
-  s = s.replace(/\s+/g, " ").trim();
-  return s.length > n ? `${s.slice(0, n - 1)}…` : s;
-}
-
 const ICON = {
   copy: `<svg viewBox="0 0 24 24" aria-hidden="true"><rect x="9" y="9" width="11" height="11" rx="2"/><path d="M5 15V5a1 1 0 0 1 1-1h10"/></svg>`,
   edit: `<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 20h4L19 9l-4-4L4 16v4zM14 6l4 4"/></svg>`,
@@ -535,10 +467,7 @@ const ICON = {
 // ------------------------------------------------------------------ actions
 
 function toast(text) {
-  els.toast.textContent = text;
-  els.toast.hidden = false;
-  clearTimeout(ui.toastTimer);
-  ui.toastTimer = setTimeout(() => { els.toast.hidden = true; }, 4000);
+  showToast(els.toast, text, 4000);
 }
 
 function autosize(ta = els.input) {

@@ -7,8 +7,10 @@
 // is remembered as exactly the words that were heard. The session id is the
 // URL hash, shared with the chat page (the same conversation, as text).
 
-import { connect, isValidId, messageText, newId } from "./turnline.js";
+import { connect, messageText, newId } from "./turnline.js";
 import { codePointPrefix, Microphone, spokenText, VoiceLink, VoicePlayer } from "./turnline-voice.js";
+import { browserUser, escapeHtml, messageSig, reconcile, sessionFromHash, showToast, storage, tokenOptions, truncate }
+  from "./ui.js";
 
 const $ = (sel) => document.querySelector(sel);
 const els = {
@@ -33,26 +35,8 @@ const STATUS = {
 
 // ------------------------------------------------------------------ identity and connection
 
-const storage = {
-  get(key, fallback = null) {
-    try {
-      const v = localStorage.getItem(key);
-      return v === null ? fallback : JSON.parse(v);
-    } catch {
-      return fallback;
-    }
-  },
-  set(key, value) {
-    try {
-      localStorage.setItem(key, JSON.stringify(value));
-    } catch { /* private mode */ }
-  },
-};
-
-let user = storage.get("turnline.user"); // the same person as on the chat page
-if (!isValidId(user)) storage.set("turnline.user", (user = newId("user")));
+const user = browserUser(); // the same person as on the chat page
 const params = new URLSearchParams(location.search);
-const fixedToken = params.get("token");
 // Optional: ?history=keep-generated, ?voice-options={"speaking":{"min_speech_ms":500}} (barge-in
 // settings, docs/voice.md), ?raw-mic=1 (no echo cancellation, noise suppression or gain control).
 const startOptions = { history: params.get("history"), options: parseJson(params.get("voice-options")) };
@@ -69,27 +53,10 @@ function parseJson(text) {
   }
 }
 
-const ui = { tokenProblem: null, wasReconnecting: false, toastTimer: null, bannerTimer: null };
-
-async function devToken() {
-  const r = await fetch(`/v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
-  if (!r.ok) {
-    ui.tokenProblem = r.status === 404
-      ? "This server is not in dev mode: open the page with ?token=… (turnline token --sub NAME)."
-      : `Could not get a token (HTTP ${r.status}).`;
-    throw new Error(ui.tokenProblem);
-  }
-  ui.tokenProblem = null;
-  return (await r.json()).token;
-}
+const ui = { tokenProblem: null, wasReconnecting: false, bannerTimer: null };
 
 const link = new VoiceLink();
-const conn = connect({ url: "/v1/ws", WebSocket: link.WebSocket, ...(fixedToken ? { token: fixedToken } : { getToken: devToken }) });
-
-function sessionFromHash() {
-  const id = decodeURIComponent(location.hash.slice(1));
-  return isValidId(id) ? id : null;
-}
+const conn = connect({ url: "/v1/ws", WebSocket: link.WebSocket, ...tokenOptions(user, ui) });
 
 const sessionId = sessionFromHash() ?? newId("chat");
 if (!sessionFromHash()) history.replaceState(null, "", `#${sessionId}`);
@@ -412,14 +379,14 @@ function renderTranscript() {
   els.empty.hidden = blocks.length > 0;
   const t = els.transcript;
   const nearBottom = t.scrollHeight - t.scrollTop - t.clientHeight < 120;
-  reconcile(els.inner, blocks);
+  reconcile(els.inner, blocks, patchChanged);
   if (nearBottom) t.scrollTop = t.scrollHeight;
 }
 
 function userBlock(m) {
   const spoken = Boolean(m.metadata?.voice?.transcript) && !voice.typed.has(messageText(m));
   const status = chat.view.status(m.id);
-  return { key: m.id, kind: "user", sig: `${sigOf(m)}|${status}`, message: m, spoken, status };
+  return { key: m.id, kind: "user", sig: `${messageSig(m)}|${status}`, message: m, spoken, status };
 }
 
 /** An assistant message with its speech: heard, being spoken, not yet spoken, never spoken. */
@@ -440,37 +407,15 @@ function agentBlock(view, m) {
   } else {
     speech = { kind: "text" };
   }
-  const sig = `${sigOf(m)}|${status}|${JSON.stringify(speech)}`;
+  const sig = `${messageSig(m)}|${status}|${JSON.stringify(speech)}`;
   return { key: m.id, kind: "agent", sig, message: m, status, speech, turnId };
 }
 
-const sigs = new WeakMap();
-function sigOf(message) {
-  let s = sigs.get(message);
-  if (s === undefined) sigs.set(message, (s = JSON.stringify([message.parts, message.metadata ?? null])));
-  return s;
-}
-
-function reconcile(container, blocks) {
-  const existing = new Map();
-  for (const el of container.children) existing.set(el.dataset.key, el);
-  let prev = null;
-  for (const b of blocks) {
-    let el = existing.get(b.key);
-    existing.delete(b.key);
-    if (!el) {
-      el = document.createElement("div");
-      el.dataset.key = b.key;
-    }
-    if (el._sig !== b.sig) {
-      el._sig = b.sig;
-      patch(el, b);
-    }
-    const next = prev ? prev.nextSibling : container.firstChild;
-    if (el !== next) container.insertBefore(el, next);
-    prev = el;
-  }
-  for (const el of existing.values()) el.remove();
+/** Re-renders a row only when its signature changed (updateSpokenWords patches the words in between). */
+function patchChanged(el, b) {
+  if (el._sig === b.sig) return;
+  el._sig = b.sig;
+  patch(el, b);
 }
 
 function patch(el, b) {
@@ -578,20 +523,8 @@ function fmtSeconds(ms) {
   return ms >= 10_000 ? `${Math.round(ms / 1000)} s` : `${(ms / 1000).toFixed(1)} s`;
 }
 
-function escapeHtml(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-}
-
-function truncate(s, n) {
-  s = s.replace(/\s+/g, " ").trim();
-  return s.length > n ? `${s.slice(0, n - 1)}…` : s;
-}
-
 function toast(text) {
-  els.toast.textContent = text;
-  els.toast.hidden = false;
-  clearTimeout(ui.toastTimer);
-  ui.toastTimer = setTimeout(() => { els.toast.hidden = true; }, 5000);
+  showToast(els.toast, text, 5000);
 }
 
 const ICON = {

@@ -1,6 +1,7 @@
 """What every provider adapter shares: the error type and its codes, the SSE
-line decoder, the step result, and :class:`ProviderStream`, which runs one
-streaming HTTP call and turns it into UI message stream chunks.
+line decoder, the request's endpoint and headers, the step result and the
+decoders' base, and :class:`ProviderStream`, which runs one streaming HTTP
+call and turns it into UI message stream chunks.
 
 Each provider module supplies a *decoder*: a plain object fed one SSE event at
 a time that returns the chunks it produces (sans-I/O, so it is unit-tested
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -124,12 +126,32 @@ class SSELines:
         return None
 
 
-def parse_json_event(provider: str, data: str) -> Any:
+def parse_json_event(provider: str, data: str) -> dict[str, Any]:
+    """An event's data, which every provider sends as a JSON object."""
     try:
-        return json.loads(data)
+        obj = json.loads(data)
     except ValueError:
         raise ProviderError(ProviderErrorCode.STREAM_BROKEN, provider,
                             f"malformed SSE data (not JSON): {data[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ProviderError(ProviderErrorCode.STREAM_BROKEN, provider, f"unexpected event {data[:200]!r}")
+    return obj
+
+
+# ---------------------------------------------------------------- the request
+
+
+def endpoint(env: str, base_url: str | None, api_key: str | None, default_base_url: str) -> tuple[str, str | None]:
+    """The base URL (without a trailing slash) and the API key: the arguments,
+    else ``{env}_BASE_URL`` and ``{env}_API_KEY``. ``api_key=""`` sends no key."""
+    base = (base_url or os.environ.get(f"{env}_BASE_URL") or default_base_url).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get(f"{env}_API_KEY")
+    return base, key
+
+
+def request_headers(auth: Mapping[str, str], headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A streaming call's headers: the provider's auth headers, then the caller's, which win."""
+    return {"accept": "text/event-stream", **auth, **(headers or {})}
 
 
 # ---------------------------------------------------------------- shared pieces of decoders
@@ -201,6 +223,21 @@ class Parts:
         for part_id, k in list(self.open.items()):
             if kind is None or k == kind:
                 self.end(part_id, out)
+
+
+class StepDecoder:
+    """What every decoder starts from: the step's result, its open parts, and
+    the ``start-step`` chunk sent once, before the step's first chunk."""
+
+    def __init__(self) -> None:
+        self.result = StepResult()
+        self._parts = Parts(self.result)
+        self._started = False
+
+    def _start(self, out: list[Chunk]) -> None:
+        if not self._started:
+            self._started = True
+            out.append({"type": "start-step"})
 
 
 # ---------------------------------------------------------------- HTTP errors

@@ -8,15 +8,14 @@ Events: ``message_start``, ``content_block_start`` / ``content_block_delta``
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import httpx
 
 from ..signal import AbortSignal
 from ._base import (
-    Chunk, Parts, ProviderError, ProviderErrorCode, ProviderStream, StepResult, finish_chunks,
-    parse_json_event, parse_tool_input, tool_input_done, usage_of,
+    Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
+    parse_json_event, parse_tool_input, request_headers, tool_input_done, usage_of,
 )
 from ._history import data_url, output_text, role_and_parts, steps, text_of, tool_result
 
@@ -49,30 +48,24 @@ def anthropic_messages(*, model: str, messages: list[dict[str, Any]] | None = No
     if messages is None:
         history_system, messages = to_anthropic(history or [])
         system = "\n\n".join(s for s in (system, history_system) if s) or None
-    base = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+    base, key = endpoint("ANTHROPIC", base_url, api_key, DEFAULT_BASE_URL)
     body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
     if system:
         body["system"] = system
-    head = {"accept": "text/event-stream", "anthropic-version": API_VERSION,
-            **({"x-api-key": key} if key else {}), **(headers or {})}
+    head = request_headers({"anthropic-version": API_VERSION, **({"x-api-key": key} if key else {})}, headers)
     return ProviderStream(provider=PROVIDER, url=f"{base}/v1/messages", headers=head, body=body,
                           decoder=MessagesDecoder(), client=client, signal=signal, timeout=timeout)
 
 
-class MessagesDecoder:
+class MessagesDecoder(StepDecoder):
     def __init__(self) -> None:
-        self.result = StepResult()
-        self._parts = Parts(self.result)
-        self._started = False
+        super().__init__()
         self._blocks: dict[int, dict[str, Any]] = {}  # open content blocks by index
         self._content: list[dict[str, Any]] = []  # finished blocks, for result.message
         self._input_usage: dict[str, Any] = {}
 
     def feed(self, event: str, data: str) -> list[Chunk]:
         obj = parse_json_event(PROVIDER, data)
-        if not isinstance(obj, dict):
-            raise ProviderError(ProviderErrorCode.STREAM_BROKEN, PROVIDER, f"unexpected event {data[:200]!r}")
         kind = obj.get("type") or event
         if kind == "error":
             err = obj.get("error") or {}
@@ -83,9 +76,7 @@ class MessagesDecoder:
         out: list[Chunk] = []
         if kind == "ping":
             return out
-        if not self._started:
-            self._started = True
-            out.append({"type": "start-step"})
+        self._start(out)
         if kind == "message_start":
             message = obj.get("message") or {}
             self.result.response_id = message.get("id")

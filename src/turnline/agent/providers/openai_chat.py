@@ -8,15 +8,14 @@ read from ``delta.reasoning_content`` (vLLM, DeepSeek) or ``delta.reasoning``
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import httpx
 
 from ..signal import AbortSignal
 from ._base import (
-    Chunk, Parts, ProviderError, ProviderErrorCode, ProviderStream, StepResult, finish_chunks,
-    parse_json_event, tool_input_done, usage_of,
+    Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
+    parse_json_event, request_headers, tool_input_done, usage_of,
 )
 from ._history import arguments_text, is_image, output_text, role_and_parts, steps, text_of, tool_result
 
@@ -45,22 +44,19 @@ def openai_chat(*, model: str, messages: list[dict[str, Any]] | None = None, his
         messages = to_openai_chat(history or [], system=system)
     elif system is not None:
         messages = [{"role": "system", "content": system}, *messages]
-    base = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    base, key = endpoint("OPENAI", base_url, api_key, DEFAULT_BASE_URL)
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}, **params}
-    head = {"accept": "text/event-stream", **({"authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    head = request_headers({"authorization": f"Bearer {key}"} if key else {}, headers)
     return ProviderStream(provider=PROVIDER, url=f"{base}/chat/completions", headers=head, body=body,
                           decoder=ChatDecoder(), client=client, signal=signal, timeout=timeout)
 
 
-class ChatDecoder:
+class ChatDecoder(StepDecoder):
     """``chat.completion.chunk`` events → chunks. The first choice is read."""
 
     def __init__(self) -> None:
-        self.result = StepResult()
-        self._parts = Parts(self.result)
-        self._started = False
+        super().__init__()
         self._tools: dict[int, dict[str, str]] = {}  # index -> id, name, args
         self._closed = False
 
@@ -72,8 +68,6 @@ class ChatDecoder:
             out += finish_chunks(self.result)
             return out
         obj = parse_json_event(PROVIDER, data)
-        if not isinstance(obj, dict):
-            raise ProviderError(ProviderErrorCode.STREAM_BROKEN, PROVIDER, f"unexpected event {data[:200]!r}")
         if obj.get("error"):
             err = obj["error"]
             message = err.get("message", err) if isinstance(err, dict) else err
@@ -104,11 +98,6 @@ class ChatDecoder:
             self.result.finish_reason = _FINISH.get(choice["finish_reason"], "other")
             self._close_parts(out)
         return out
-
-    def _start(self, out: list[Chunk]) -> None:
-        if not self._started:
-            self._started = True
-            out.append({"type": "start-step"})
 
     def _tool_delta(self, call: dict[str, Any], out: list[Chunk]) -> None:
         self._parts.end_all(out)

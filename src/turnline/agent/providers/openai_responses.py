@@ -7,15 +7,14 @@ Typed events: ``response.created`` … ``response.output_text.delta``,
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import httpx
 
 from ..signal import AbortSignal
 from ._base import (
-    Chunk, Parts, ProviderError, ProviderErrorCode, ProviderStream, StepResult, finish_chunks,
-    parse_json_event, tool_input_done, usage_of,
+    Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
+    parse_json_event, request_headers, tool_input_done, usage_of,
 )
 from ._history import arguments_text, is_image, output_text, role_and_parts, steps, text_of, tool_result
 
@@ -39,28 +38,23 @@ def openai_responses(*, model: str, input: list[dict[str, Any]] | str | None = N
     """
     if input is None:
         input = to_openai_responses(history or [])
-    base = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    base, key = endpoint("OPENAI", base_url, api_key, DEFAULT_BASE_URL)
     body: dict[str, Any] = {"model": model, "input": input, "stream": True, **params}
     if system is not None:
         body["instructions"] = system
-    head = {"accept": "text/event-stream", **({"authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    head = request_headers({"authorization": f"Bearer {key}"} if key else {}, headers)
     return ProviderStream(provider=PROVIDER, url=f"{base}/responses", headers=head, body=body,
                           decoder=ResponsesDecoder(), client=client, signal=signal, timeout=timeout)
 
 
-class ResponsesDecoder:
+class ResponsesDecoder(StepDecoder):
     def __init__(self) -> None:
-        self.result = StepResult()
-        self._parts = Parts(self.result)
-        self._started = False
+        super().__init__()
         self._calls: dict[str, dict[str, str]] = {}  # item id -> call id, name, args
         self._items: list[dict[str, Any]] = []  # output items, as done
 
     def feed(self, event: str, data: str) -> list[Chunk]:
         obj = parse_json_event(PROVIDER, data)
-        if not isinstance(obj, dict):
-            raise ProviderError(ProviderErrorCode.STREAM_BROKEN, PROVIDER, f"unexpected event {data[:200]!r}")
         kind = obj.get("type") or event
         out: list[Chunk] = []
         if kind == "error":
@@ -74,9 +68,7 @@ class ResponsesDecoder:
             raise ProviderError(ProviderErrorCode.ERROR, PROVIDER,
                                 f"the response failed: {err.get('message') or 'no reason given'}"
                                 + (f" ({err['code']})" if err.get("code") else ""), provider_code=err.get("code"))
-        if not self._started:
-            self._started = True
-            out.append({"type": "start-step"})
+        self._start(out)
         handler = _HANDLERS.get(kind)
         if handler is not None:
             handler(self, obj, out)
