@@ -11,7 +11,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store"]
+BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store", "barge_in", "resume_drop", "fanout"]
 
 
 def _cancel_latency(quick: bool) -> None:

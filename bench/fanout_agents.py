@@ -47,3 +47,48 @@ async def _stream(turn: Turn) -> AsyncIterator[str]:
 
 
 streamer = Agent(_stream, name="bench-fanout")
+
+
+# --------------------------------------------------------------------------- a producer without the agent runtime
+
+
+async def produce(url: str, sessions: list[str], tokens: int, rate: float) -> None:
+    """Stream tokens into the sessions' logs with ``RedisEventLog.append``
+    alone (no worker, hub or agent around it): the same events a streaming
+    turn appends, for less CPU, so that a gateway's fan-out can be measured
+    on a machine too small to also run the workers at full rate."""
+    from turnline.protocol import ChunkEvent
+    from turnline.store.redis import RedisEventLog
+
+    log = RedisEventLog(url)
+    await log.open()
+
+    async def stream(session: str) -> None:
+        turn_id = f"turn-{session}"
+        async for _ in paced(rate, tokens):
+            await log.append(session, [ChunkEvent(turn_id=turn_id, client_id="agent", chunk={
+                "type": "text-delta", "id": "text-0", "delta": f"{time.monotonic_ns()} "})])
+
+    try:
+        await asyncio.gather(*(stream(s) for s in sessions))
+    finally:
+        await log.close()
+
+
+def main() -> None:
+    import argparse
+
+    import uvloop
+
+    ap = argparse.ArgumentParser(prog="python -m bench.fanout_agents")
+    ap.add_argument("--redis", required=True)
+    ap.add_argument("--sessions", required=True, help="FIRST:COUNT, sessions fan-FIRST … fan-(FIRST+COUNT-1)")
+    ap.add_argument("--tokens", type=int, required=True)
+    ap.add_argument("--rate", type=float, default=RATE)
+    a = ap.parse_args()
+    first, count = (int(x) for x in a.sessions.split(":"))
+    uvloop.run(produce(a.redis, [f"fan-{i}" for i in range(first, first + count)], a.tokens, a.rate))
+
+
+if __name__ == "__main__":
+    main()

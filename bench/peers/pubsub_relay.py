@@ -6,7 +6,8 @@ Two parts:
 - the relay (``app``, run by uvicorn like ``turnline serve``): a WebSocket at
   ``/v1/ws`` that answers ``{"op":"subscribe","session":S}`` with an ack,
   SUBSCRIBEs one pub/sub connection to the session's channel, and forwards
-  every message published there, byte for byte, to the session's sockets. Each
+  every message published there, byte for byte, to the session's sockets
+  (the pub/sub replies are parsed by hiredis, as turnline's store reads). Each
   socket has an outgoing queue and a writer task, as in turnline's gateway, so
   the two differ by the log and nothing else. Nothing is stored: a subscriber
   that drops loses what was published meanwhile, and Redis drops a pub/sub
@@ -16,7 +17,7 @@ Two parts:
   (``bench.fanout_agents.paced``), each PUBLISHed as the event frame turnline
   would send (a ``chunk`` event with its ``seq``, the delta being the write
   time), written to Redis in pipelines: whatever accumulated while the last
-  pipeline was in flight goes in the next one.
+  pipeline was in flight goes in the next one (as turnline's store writes).
 
 Settings come from the environment: ``RELAY_REDIS_URL`` and ``RELAY_PREFIX``
 (the channel of session S is PREFIX + S).
@@ -30,6 +31,7 @@ import contextlib
 import os
 import time
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import msgspec
 import redis.asyncio as aioredis
@@ -40,7 +42,6 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 MAX_PENDING_FRAMES = 20_000  # as turnline's ServerConfig.max_pending_frames
-CONTROL = b"relay-control"
 
 
 class _Subscribe(msgspec.Struct):
@@ -78,46 +79,77 @@ class _Socket:
             await self.ws.send_text(frame.decode())
 
 
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+class _PubSubReader(asyncio.Protocol):
+    """The relay's pub/sub connection, parsed by hiredis straight from
+    ``data_received``: every message in a read is forwarded at once.
+    (redis-py's PubSub, one awaited message at a time, fell behind at 30,000
+    messages a second here, its output buffer in Redis growing by MBs a second.)"""
+
+    def __init__(self, relay: Relay):
+        import hiredis
+
+        self.relay = relay
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        forward = self.relay.forward
+        while (reply := self.reader.gets()) is not False:
+            if reply[0] == b"message":
+                forward(reply[1], reply[2])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
 class Relay:
     def __init__(self, url: str, prefix: str):
-        self.redis = aioredis.from_url(url)
+        where = urlsplit(url)
+        self.host, self.port = where.hostname or "127.0.0.1", where.port or 6379
         self.prefix = prefix.encode()
-        self.pubsub = self.redis.pubsub()
         self.sockets: dict[bytes, set[_Socket]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._pubsub: _PubSubReader | None = None
 
     async def start(self) -> None:
-        # A pub/sub connection with no subscription has nothing to listen to.
-        await self.pubsub.subscribe(CONTROL)
-        self._reader = asyncio.ensure_future(self._forward())
+        loop = asyncio.get_running_loop()
+        _, self._pubsub = await loop.create_connection(lambda: _PubSubReader(self), self.host, self.port)
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        await self.pubsub.aclose()
-        await self.redis.aclose()
+        if self._pubsub is not None and self._pubsub.transport is not None:
+            self._pubsub.transport.close()
 
-    async def _forward(self) -> None:
-        async for message in self.pubsub.listen():
-            if message["type"] != "message":
-                continue
-            for sock in self.sockets.get(message["channel"], ()):
-                sock.push(message["data"])
+    def forward(self, channel: bytes, data: bytes) -> None:
+        for sock in self.sockets.get(channel, ()):
+            sock.push(data)
 
-    async def subscribe(self, session: str, sock: _Socket) -> None:
+    def _send(self, *args: bytes) -> None:
+        assert self._pubsub is not None and self._pubsub.transport is not None
+        self._pubsub.transport.write(_command(*args))
+
+    def subscribe(self, session: str, sock: _Socket) -> None:
         channel = self.prefix + session.encode()
         group = self.sockets.get(channel)
         if group is None:
             group = self.sockets[channel] = set()
-            await self.pubsub.subscribe(channel)
+            self._send(b"SUBSCRIBE", channel)
         group.add(sock)
 
-    async def unsubscribe_all(self, sock: _Socket) -> None:
+    def unsubscribe_all(self, sock: _Socket) -> None:
         for channel, group in list(self.sockets.items()):
             group.discard(sock)
             if not group:
                 del self.sockets[channel]
-                await self.pubsub.unsubscribe(channel)
+                self._send(b"UNSUBSCRIBE", channel)
 
 
 def create_app(url: str, prefix: str) -> Starlette:
@@ -144,7 +176,7 @@ def create_app(url: str, prefix: str) -> Starlette:
                     sock.push(_encode({"op": "error", "code": "bad_frame", "message": str(exc)}))
                     continue
                 if frame.op == "subscribe" and frame.session:
-                    await relay.subscribe(frame.session, sock)
+                    relay.subscribe(frame.session, sock)
                     sock.push(_encode({"op": "ack", "id": frame.id, "session": frame.session}))
                 else:
                     sock.push(_encode({"op": "error", "id": frame.id, "code": "unknown_op",
@@ -154,7 +186,7 @@ def create_app(url: str, prefix: str) -> Starlette:
         finally:
             sock.closed = True
             writer.cancel()
-            await relay.unsubscribe_all(sock)
+            relay.unsubscribe_all(sock)
 
     async def healthz(_request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -174,20 +206,24 @@ async def publish(url: str, prefix: str, sessions: list[str], tokens: int, rate:
     from bench.fanout_agents import paced
     from turnline.protocol import ChunkEvent, encode, event_frame
 
-    client = aioredis.from_url(url)
-    pending: list[tuple[bytes, bytes]] = []
+    client = aioredis.from_url(url, single_connection_client=True)
+    await client.initialize()
+    conn = client.connection
+    pending: list[bytes] = []
     ready = asyncio.Event()
 
     async def flusher() -> None:
+        # One write of hand-packed PUBLISH commands per round, then their
+        # replies: redis-py's Pipeline costs ~25 µs a command to pack, which
+        # would make the publisher, not the relay, the bottleneck.
         while True:
             await ready.wait()
             ready.clear()
             batch = pending[:]
             pending.clear()
-            pipe = client.pipeline(transaction=False)
-            for channel, data in batch:
-                pipe.publish(channel, data)
-            await pipe.execute()
+            await conn.send_packed_command(b"".join(batch), check_health=False)
+            for _ in batch:
+                await conn.read_response()
 
     async def stream(session: str) -> None:
         channel = (prefix + session).encode()
@@ -195,7 +231,9 @@ async def publish(url: str, prefix: str, sessions: list[str], tokens: int, rate:
         async for i in paced(rate, tokens):
             ev = ChunkEvent(seq=i + 1, turn_id=turn_id, client_id="agent", ts=time.time_ns() // 1_000_000,
                             chunk={"type": "text-delta", "id": "text-0", "delta": f"{time.monotonic_ns()} "})
-            pending.append((channel, event_frame(session, encode(ev))))
+            data = event_frame(session, encode(ev))
+            pending.append(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                           % (len(channel), channel, len(data), data))
             ready.set()
 
     flush_task = asyncio.ensure_future(flusher())
