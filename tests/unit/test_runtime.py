@@ -875,7 +875,7 @@ async def test_queue_policy_runs_turns_in_order(make_runtime) -> None:
     assert [m.role for m in hub.state.branch()] == ["user", "assistant"] * 3
 
 
-async def test_a_resent_queued_message_is_a_conflict_not_a_second_entry(make_runtime) -> None:
+async def test_a_resent_queued_message_is_a_conflict_even_after_it_was_cancelled(make_runtime) -> None:
     gate = asyncio.Event()
 
     async def respond(turn: Turn) -> None:
@@ -892,9 +892,14 @@ async def test_a_resent_queued_message_is_a_conflict_not_a_second_entry(make_run
         await hub.send("alice", [msg])
     assert err.value.code == "conflict"
     assert [q.message_id for q in hub.state.queue] == ["m-q"]
+    result, fut = await hub.cancel("alice", CancelFilter(turn_id=outcome.queued[0]))
+    await fut
+    assert result.cancelled == outcome.queued and not hub.state.queue
+    with pytest.raises(runtime_module.CommandError) as err:  # cancelled, yet still taken
+        await hub.send("alice", [msg])
+    assert err.value.code == "conflict"
     gate.set()
-    await wait_end(hub, outcome.queued[0])
-    assert hub.state.turns[outcome.queued[0]].reason == "complete"
+    assert not hub.state.queue and outcome.queued[0] not in hub.state.turns
 
 
 async def test_interrupt_cancels_own_turns_and_tail_chunks_stay_on_the_old_turn(make_runtime) -> None:

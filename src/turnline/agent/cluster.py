@@ -142,7 +142,10 @@ class Bus:
     def __init__(self, store: Any, url: str | None = None):
         self.store = store
         self.prefix: str = store.prefix
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url or store.url)
+        # A burst of commands waits for a connection rather than failing with
+        # MaxConnectionsError (redis-py's default pool raises at its limit).
+        pool = aioredis.BlockingConnectionPool.from_url(url or store.url, max_connections=128, timeout=None)
+        self.redis: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self.dispatch = f"{self.prefix}:dispatch"
         self.owned = f"{self.prefix}:owned"
         self._renew = self.redis.register_script(_RENEW)

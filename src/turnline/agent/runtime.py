@@ -242,8 +242,7 @@ class SessionHub:
         if parent_id is not None and parent_id not in state.messages:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {parent_id} in session {self.session_id}")
         ids = [m.id or new_id("msg") for m in messages]
-        queued_ids = {m.id for q in state.queue for m in q.messages}
-        if len(set(ids)) != len(ids) or any(i in state.messages or i in queued_ids for i in ids):
+        if len(set(ids)) != len(ids) or any(i in state.messages or i in state.queued_message_ids for i in ids):
             raise CommandError(ErrorCode.CONFLICT, "a message with this id already exists")
         agent_id = self.runtime.agent_id
 

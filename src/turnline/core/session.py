@@ -122,6 +122,7 @@ class Session:
         # The newest visible message: the head, or a user message sent after
         # it whose answer has not ended yet (what a reloading page shows last).
         self.latest: str | None = None
+        self.queued_message_ids: set[str] = set()
         self.pending_cancels: dict[str, PendingCancel] = {}
         self.queue: list[QueuedInput] = []
         self.hidden: set[str] = set()
@@ -233,6 +234,9 @@ class Session:
     def _on_queued(self, ev: Queued) -> None:
         if ev.turn_id is not None:
             self.queue.append(QueuedInput(ev.message_id, ev.turn_id, ev.client_id, list(ev.messages)))
+            # Taken for good, even once the input is cancelled: a client
+            # re-sending it after a drop must hear `conflict`, not queue it again.
+            self.queued_message_ids.update(m.id for m in ev.messages)
 
     def _on_rejected(self, ev: Rejected) -> None:
         self.queue = [q for q in self.queue if q.message_id != ev.message_id]
