@@ -126,7 +126,6 @@ class SessionHub:
             raise CommandError(ErrorCode.INTERNAL, f"session store failed: {self.broken}")
         if self.evicted:
             self.runtime._readmit(self)
-        self.last_used = time.monotonic()
         ts = time.time_ns() // 1_000_000
         applied = 0
         try:
@@ -530,6 +529,7 @@ class SessionHub:
         """Append the turn's last chunks and its turn-end (synchronously); the
         future resolves when they are durable."""
         turn.reason = reason
+        self.last_used = time.monotonic()  # idle from here: a long turn does not age the hub
         events: list[AnyEvent] = []
         info = None
         agent_id = self.runtime.agent_id
