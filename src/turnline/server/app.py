@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Sequence
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,10 +30,12 @@ from ..protocol import (
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
     event_frame, events_frame, is_valid_id, MAX_NESTING, nesting_exceeds, VOICE_FRAMES,
 )
+from ..store.base import Record
 from .auth import AuthError, Principal, mint, verify
 
 log = logging.getLogger("turnline.server")
 
+FRAME_EVENTS = 256  # events per batched frame during a catch-up
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 # Module scripts need a JavaScript type whatever the OS mime table says;
 # no-cache revalidates by ETag, so an upgraded page is never half stale.
@@ -127,10 +130,12 @@ class Connection:
         self.ws = ws
         self.principal = principal
         self.cancel_on_disconnect = cancel_on_disconnect
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.out: deque[bytes] = deque()
+        self._wake_writer: asyncio.Future[None] | None = None
         self.subs: dict[str, asyncio.Task[None]] = {}
         self.touched: set[str] = set()
         self.closed = False
+        self.overrun = False
 
     def push_binary(self, frame: bytes) -> None:
         self.push(_Binary(frame))
@@ -138,34 +143,48 @@ class Connection:
     def push(self, frame: bytes) -> None:
         if self.closed:
             return
-        if self.out.qsize() >= self.app.config.max_pending_frames:
-            self.closed = True
-            self.out.put_nowait(None)
-            return
-        self.out.put_nowait(frame)
+        if len(self.out) >= self.app.config.max_pending_frames:
+            self.closed = self.overrun = True
+        else:
+            self.out.append(frame)
+        wake = self._wake_writer
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     async def writer(self) -> None:
-        ws = self.ws
+        # The raw ASGI send: Starlette's wrapper re-checks the state on every frame.
+        send = self.ws._send
+        out = self.out
+        loop = asyncio.get_running_loop()
         while True:
-            frame = await self.out.get()
-            if frame is None:
+            while out:
+                frame = out.popleft()
+                if type(frame) is _Binary:
+                    await send({"type": "websocket.send", "bytes": frame})
+                else:
+                    await send({"type": "websocket.send", "text": frame.decode()})
+            if self.overrun:
                 with contextlib.suppress(Exception):
-                    await ws.close(code=1013, reason="too far behind; resume from your last seq")
+                    await self.ws.close(code=1013, reason="too far behind; resume from your last seq")
                 return
-            if isinstance(frame, _Binary):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_text(frame.decode())
+            if self.closed:
+                return
+            self._wake_writer = loop.create_future()
+            await self._wake_writer
+            self._wake_writer = None
 
     async def follow(self, session: str, after: int) -> None:
-        store = self.app.runtime.store
+        push = self.push
+
+        def sink(batch: Sequence[Record]) -> None:
+            if len(batch) == 1:
+                push(event_frame(session, batch[0].data))
+            else:
+                for i in range(0, len(batch), FRAME_EVENTS):
+                    push(events_frame(session, [r.data for r in batch[i:i + FRAME_EVENTS]]))
+
         try:
-            async for batch in store.follow(session, after):
-                if len(batch) == 1:
-                    self.push(event_frame(session, batch[0].data))
-                else:
-                    for i in range(0, len(batch), 256):
-                        self.push(events_frame(session, [r.data for r in batch[i:i + 256]]))
+            await self.app.runtime.store.follow_into(session, after, sink)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -374,6 +393,11 @@ class TurnlineApp:
                             headers=getattr(exc, "headers", None))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+            # Straight to the endpoint: routing and Starlette's exception
+            # wrapper would sit on every frame sent.
+            await self.ws_endpoint(WebSocket(scope, receive, send))
+            return
         await self.starlette(scope, receive, send)
 
     @contextlib.asynccontextmanager

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import AsyncIterator, NamedTuple, Sequence
+from typing import AsyncIterator, Callable, NamedTuple, Sequence
 
 from ..protocol import AnyEvent, decode_event, encode, now_ms
 
@@ -54,14 +54,24 @@ def stamp(events: Sequence[AnyEvent], first_seq: int) -> list[Record]:
 
 
 class _Listener:
-    __slots__ = ("pending", "waiter", "overflowed")
+    __slots__ = ("pending", "waiter", "overflowed", "sink", "cursor")
 
     def __init__(self) -> None:
         self.pending: deque[Record] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
+        # Armed by a caught-up ``follow_into``: live records that continue
+        # ``cursor`` go straight to ``sink`` from the publisher, with no task
+        # switch per record (the fan-out hot path).
+        self.sink: Callable[[Sequence[Record]], None] | None = None
+        self.cursor = 0
 
     def push(self, records: Sequence[Record]) -> None:
+        sink = self.sink
+        if sink is not None and records[0].seq == self.cursor + 1 and not self.pending:
+            self.cursor = records[-1].seq
+            sink(records)
+            return
         if len(self.pending) + len(records) > LISTENER_BACKLOG:
             # A reader that fell this far behind re-reads from the log instead
             # of holding an unbounded buffer in memory.
@@ -146,7 +156,18 @@ class EventLog(ABC):
     async def exists(self, session: str) -> bool:
         return await self.last_seq(session) > 0
 
-    async def follow(self, session: str, after: int | None = 0) -> AsyncIterator[list[Record]]:
+    def follow(self, session: str, after: int | None = 0) -> AsyncIterator[list[Record]]:
+        return self._follow(session, after, None)
+
+    async def follow_into(self, session: str, after: int | None, sink: Callable[[Sequence[Record]], None]) -> None:
+        """``follow``, handing each batch to ``sink`` (which must not block or
+        raise); runs until cancelled. Once caught up, live batches reach
+        ``sink`` straight from the publisher."""
+        async for batch in self._follow(session, after, sink):
+            sink(batch)
+
+    async def _follow(self, session: str, after: int | None,
+                      sink: Callable[[Sequence[Record]], None] | None) -> AsyncIterator[list[Record]]:
         # Subscribe before reading so nothing committed during the catch-up is
         # missed; what the log and the live buffer both hold is dropped by seq.
         listener = self.feed.subscribe(session)
@@ -176,7 +197,13 @@ class EventLog(ABC):
                     cursor = batch[-1].seq
                     yield batch
                 else:
-                    await listener.wait()
+                    listener.cursor = cursor
+                    listener.sink = sink
+                    try:
+                        await listener.wait()
+                    finally:
+                        listener.sink = None
+                    cursor = listener.cursor
         finally:
             self.feed.unsubscribe(session, listener)
 
