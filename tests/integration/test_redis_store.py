@@ -3,14 +3,15 @@
 The generic EventLog contract runs over Redis in tests/unit/test_store_contract.py.
 Pinned here, what only a shared store has: compare-and-set appends between
 writers (two instances = two processes), fencing by the lease token, one
-multiplexed stream reader per instance that a new follower wakes at once,
+multiplexed stream reader per instance, told by pub/sub which streams were
+written (a new follower is read at once; news lost with a dropped connection is
+made good),
 retention (compaction keeps history and in-window resume exact, and a session
 still loads), and a real server on Redis (send, stream, cancel, resume, reload
 after compaction).
 
-Orders are controlled with gates and Redis' own CLIENT LIST (the reader is
-*seen* blocked before the test goes on); every wait is bounded; nothing sleeps
-and hopes.
+Orders are controlled with gates (a reconnect or a read held until the test
+releases it); every wait is bounded; nothing sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -92,14 +93,6 @@ async def collect(agen: AsyncIterator[list[Record]], until_seq: int) -> list[Rec
         while not out or out[-1].seq < until_seq:
             out.extend(await anext(agen))
     return out
-
-
-async def reader_blocked(raw: Any, log: RedisEventLog) -> bool:
-    """Is the log's reader connection blocked in XREAD inside Redis right now?"""
-    for client in await raw.client_list():
-        if client.get("name") == log.reader_name:
-            return "b" in client.get("flags", "") and client.get("cmd") == "xread"
-    return False
 
 
 # ----------------------------------------------------------------- layout
@@ -224,8 +217,8 @@ async def test_one_reader_connection_feeds_followers_of_many_sessions(logs, raw)
                 got = await firsts[s]
             got += await collect(followers[s], 3) if got[-1].seq < 3 else []
             assert [(r.seq, r.event().chunk["delta"]) for r in got] == [(n, f"{s}.{n}") for n in (1, 2, 3)]
-        readers = [c for c in await raw.client_list() if c.get("name") == gateway.reader_name]
-        assert len(readers) == 1
+        names = [c.get("name") for c in await raw.client_list()]
+        assert names.count(gateway.reader_name) == names.count(gateway.news_name) == 1
         assert set(gateway._cursor) == set(sessions)
     finally:
         for t in firsts.values():
@@ -238,20 +231,19 @@ async def test_one_reader_connection_feeds_followers_of_many_sessions(logs, raw)
     await until(lambda: not gateway._cursor, "reader forgot the sessions")
 
 
-async def test_a_follower_added_while_the_reader_blocks_gets_live_events_at_once(logs, raw) -> None:
-    # The reader blocks for 10 minutes: only the wake can make it read "b".
-    gateway, worker = await logs(block_ms=600_000), await logs()
+async def test_news_of_a_write_reaches_the_reader_at_once(logs) -> None:
+    # No sweep for 10 minutes: only the write's news can make the reader read.
+    gateway, worker = await logs(sweep_ms=600_000), await logs()
     fa = gateway.follow("a", after=0)
-    fb = gateway.follow("b", after=0)
     first_a = asyncio.ensure_future(anext(fa))
+    fb = gateway.follow("b", after=0)
     try:
         async with asyncio.timeout(WAIT):
             await gateway.feed_synced("a")
-        await until(lambda: reader_blocked(raw, gateway), "reader blocked in XREAD")
-        first_b = asyncio.ensure_future(anext(fb))  # subscribes "b" now, while the reader blocks
+        first_b = asyncio.ensure_future(anext(fb))  # a second session, while the reader waits for news
         try:
             async with asyncio.timeout(WAIT):
-                await gateway.feed_synced("b")  # the reader woke up and reads "b" too
+                await gateway.feed_synced("b")
             await worker.append("b", [ev("b1"), ev("b2")])
             async with asyncio.timeout(WAIT):
                 got = await first_b
@@ -265,6 +257,65 @@ async def test_a_follower_added_while_the_reader_blocks_gets_live_events_at_once
         first_a.cancel()
         await fa.aclose()
         await fb.aclose()
+
+
+async def test_a_session_is_read_from_its_last_seq_only_once_its_news_is_subscribed(logs) -> None:
+    """Else a write between the look at the last seq and the SUBSCRIBE would be
+    announced to nobody: the follower would miss it until the next sweep."""
+    gateway = await logs(sweep_ms=600_000)
+    key = gateway.key("s", "log").encode()
+    unconfirmed_at_mget: list[bool] = []
+    mget = gateway._redis.mget
+
+    async def watched_mget(keys: Any) -> Any:
+        unconfirmed_at_mget.append(key in gateway._acked or key in gateway._unacked)
+        return await mget(keys)
+
+    gateway._redis.mget = watched_mget
+    follower = gateway.follow("s", after=0)
+    nxt = asyncio.ensure_future(anext(follower))
+    try:
+        async with asyncio.timeout(WAIT):
+            await gateway.feed_synced("s")
+        assert unconfirmed_at_mget == [False]
+    finally:
+        nxt.cancel()
+        await asyncio.gather(nxt, return_exceptions=True)
+        await follower.aclose()
+
+
+async def test_a_write_whose_news_was_lost_with_the_connection_still_reaches_the_follower(logs, raw) -> None:
+    gateway, worker = await logs(sweep_ms=600_000), await logs()
+    follower = gateway.follow("s", after=0)
+    nxt = asyncio.ensure_future(anext(follower))
+    reconnecting, release = asyncio.Event(), asyncio.Event()
+    initialize = gateway._news_conn.initialize
+
+    async def held_initialize() -> None:  # the news connection's reconnect waits for the test
+        reconnecting.set()
+        await release.wait()
+        await initialize()
+
+    try:
+        async with asyncio.timeout(WAIT):
+            await gateway.feed_synced("s")
+        gateway._news_conn.initialize = held_initialize
+        (news,) = [c for c in await raw.client_list() if c.get("name") == gateway.news_name]
+        await raw.client_kill_filter(_id=news["id"])
+        async with asyncio.timeout(WAIT):
+            await reconnecting.wait()
+        await worker.append("s", [ev("1")])  # its news goes to nobody
+        assert not nxt.done()
+        release.set()
+        async with asyncio.timeout(WAIT):
+            assert seqs(await nxt) == [1]
+        await worker.append("s", [ev("2")])  # and news flows again
+        assert seqs(await collect(follower, 2)) == [2]
+    finally:
+        release.set()
+        nxt.cancel()
+        await asyncio.gather(nxt, return_exceptions=True)
+        await follower.aclose()
 
 
 async def test_an_event_written_before_the_reader_starts_a_session_still_reaches_its_follower(logs) -> None:

@@ -40,24 +40,27 @@ Reading. ``read`` is ``XRANGE (after-0 + COUNT n``. Where the log has a hole
 record covering it, so the seqs a reader sees stay contiguous.
 
 Following. ``follow`` is the base class's (catch-up from ``read``, then the live
-feed, gapless at the seam). The live feed is fed by ONE reader task per
-instance on a dedicated connection: ``XREAD BLOCK COUNT STREAMS k1..kN
-id1..idN`` over every session that has a local follower. When a session gains
-its first follower the blocked ``XREAD`` is woken at once by an entry added to
-this instance's wake stream (``{prefix}:wake:<uuid>``), which every ``XREAD``
-also reads: unlike ``CLIENT UNBLOCK`` this cannot miss an ``XREAD`` that has
-not reached Redis yet. The reader starts a new session at its current last seq
-and then asks that session's followers to re-read the log once
-(:meth:`_Listener.resync`), which closes the window between their catch-up
-read and the reader's start. Appends made by this instance are also published
-to local followers directly when they continue what the feed delivered (less
-latency; the reader then skips them by seq). Records are passed on as the bytes
-Redis returned; nothing is decoded.
+feed, gapless at the seam). The live feed is fed by ONE reader per instance. A
+write announces itself: the append script ``PUBLISH``es the session's last seq
+on a channel named like its stream. The reader subscribes (on its own
+connection, parsed in bulk) to the channels of the sessions that have a local
+follower, and reads with a non-blocking ``XREAD COUNT STREAMS …`` only the
+streams it heard news of, so its cost follows the traffic, not the number of
+sessions followed. A new session is started at its last seq only once Redis
+confirmed the SUBSCRIBE (a write in between would otherwise be announced to
+nobody), and its followers then re-read the log once (:meth:`_Listener.resync`),
+which closes the window between their catch-up read and that start. Pub/sub is
+only a hint: when the news connection drops, the reader reads every followed
+stream once it is back, and it also does so every ``sweep_ms`` regardless.
+Appends made by this instance are also published to local followers directly
+when they continue what the feed delivered (less latency; the reader then
+skips them by seq). Records are passed on as the bytes Redis returned; nothing
+is decoded.
 
 Redis Cluster: one script call and one ``XREAD`` may only name keys of one
-slot. On a cluster the writer's round must be split into one call per slot, and
-the reader must run one ``XREAD`` per node (keys grouped by ``CLUSTER KEYSLOT``)
-with a wake stream per node. Every key is declared (``KEYS``) and hash-tagged
+slot. On a cluster the writer's round must be split into one call per slot, the
+reader must run one ``XREAD`` per node (keys grouped by ``CLUSTER KEYSLOT``), and
+the news should move to sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``). Every key is declared (``KEYS``) and hash-tagged
 for that, but only a single Redis node (or a primary with replicas) is
 implemented and tested.
 
@@ -75,6 +78,7 @@ and ``wait_replicas``). Needs Redis ≥ 6.2 (exclusive stream ranges).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -106,6 +110,8 @@ _tuple_new = tuple.__new__
 # ARGV: per session: fence ("" = none), first seq, n, m, then n event JSONs and
 # m (score, member) pairs for :ended.
 # Returns per session: status (0 written, 1 seq conflict, 2 fenced), last seq.
+# A write is announced on the pub/sub channel named like the stream (payload:
+# the last seq), which is how readers learn which streams to read.
 _APPEND_LUA = """
 local out = {}
 local a = 1
@@ -128,6 +134,7 @@ for k = 1, #KEYS, 4 do
     for j = base + n, a - 1, 2 do
       redis.call('ZADD', KEYS[k + 3], ARGV[j], ARGV[j + 1])
     end
+    redis.call('PUBLISH', KEYS[k], last)
     out[#out + 1] = 0
   end
   out[#out + 1] = last
@@ -221,18 +228,23 @@ class _Group:
 
 
 class _RedisFeed(LiveFeed):
-    """The live feed, telling the reader when a session gains its first follower."""
+    """The live feed, telling the reader when a session gains its first follower or loses its last."""
 
-    def __init__(self, on_first: Any) -> None:
+    def __init__(self, on_change: Any) -> None:
         super().__init__()
-        self._on_first = on_first
+        self._on_change = on_change
 
     def subscribe(self, session: str) -> _Listener:
         first = session not in self._listeners
         listener = super().subscribe(session)
         if first:
-            self._on_first(session)
+            self._on_change()
         return listener
+
+    def unsubscribe(self, session: str, listener: _Listener) -> None:
+        super().unsubscribe(session, listener)
+        if session not in self._listeners:
+            self._on_change()
 
     def followed(self) -> dict[str, set[_Listener]]:
         return self._listeners
@@ -257,8 +269,10 @@ class RedisEventLog(EventLog):
     keep everything). ``wait_replicas``: after each write round, ``WAIT`` for
     that many replicas (``wait_timeout_ms``) before acknowledging; fewer
     confirmations fail the appends with :class:`StoreError` (the events are on
-    the primary; they were not acknowledged). ``block_ms``: the reader's
-    ``XREAD BLOCK`` (a new follower never waits for it). ``max_connections``
+    the primary; they were not acknowledged). ``sweep_ms``: how often the
+    reader also reads every followed stream, news or not (a safety net; news
+    lost with a dropped connection is made good at once, by reading them all).
+    ``max_connections``
     bounds the command pool (the reader has its own connection). Other keyword options
     go to ``redis.asyncio.Redis.from_url``. Options may also be given in the
     URL's query: ``redis://host:6379/0?prefix=tl&retention_s=3600``.
@@ -266,10 +280,10 @@ class RedisEventLog(EventLog):
 
     def __init__(self, url: str, *, prefix: str = "tl", retention_s: float | None = 3600,
                  wait_replicas: int = 0, wait_timeout_ms: int = 1000, compact_every_s: float | None = None,
-                 batch_max: int = 2048, block_ms: int = 5000, max_connections: int = 64,
+                 batch_max: int = 2048, sweep_ms: int = 5000, max_connections: int = 64,
                  **options: Any) -> None:
         super().__init__()
-        self.feed = _RedisFeed(self._on_first_follower)
+        self.feed = _RedisFeed(self._on_followers_changed)
         url, from_url = _split_url(url)
         prefix = from_url.pop("prefix", prefix)
         retention_s = from_url.pop("retention_s", retention_s)
@@ -290,17 +304,18 @@ class RedisEventLog(EventLog):
         self.compact_every_s = compact_every_s if compact_every_s is not None else (
             None if retention_s is None else min(300.0, max(1.0, retention_s / 10)))
         self.batch_max = batch_max
-        self.block_ms = block_ms
+        self.sweep_s = sweep_ms / 1000
         self.max_connections = max_connections
         self.options = options
         self.instance = uuid.uuid4().hex
         self.sessions_key = f"{prefix}:sessions"
-        self.wake_key = f"{prefix}:wake:{self.instance}"
         self.reader_name = f"turnline-reader-{self.instance}"
+        self.news_name = f"turnline-news-{self.instance}"
 
         self._redis: Any = None
         self._writer_conn: Any = None
         self._reader_conn: Any = None
+        self._news_conn: Any = None
         self._sha = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -313,19 +328,19 @@ class RedisEventLog(EventLog):
         self._writer: asyncio.Task[None] | None = None
         # reader
         self._cursor: dict[str, int] = {}  # per followed session: the last seq handed to the feed
-        self._log_keys: dict[str, bytes] = {}  # followed session -> its stream key
-        self._key_sessions: dict[bytes, str] = {}  # and back
+        self._log_keys: dict[str, bytes] = {}  # followed (or being subscribed) session -> its stream key
+        self._key_sessions: dict[bytes, str] = {}  # and back (a stream key is also its news channel)
         self._key_resp: dict[str, bytes] = {}  # followed session -> its stream key in RESP
-        wake = self.wake_key.encode()
-        self._wake_resp = b"$%d\r\n%b\r\n" % (len(wake), wake)
-        self._wake_id: bytes = b"0-0"  # the last wake entry the reader saw
+        self._news: set[str] = set()  # followed sessions whose streams may hold unread entries
+        self._stirred = asyncio.Event()  # news, a new follower, or closing
+        self._followers_changed = False  # a session gained its first follower or lost its last
+        self._unacked: dict[bytes, int] = {}  # channel -> SUBSCRIBEs sent and not yet confirmed
+        self._acked: dict[bytes, asyncio.Future[None]] = {}
+        self._news_up = False  # the news connection is subscribed to every channel in _log_keys
         self._reader: asyncio.Task[None] | None = None
-        self._reader_idle = asyncio.Event()
-        self.reader_phase = "idle"  # idle | sync | blocked
-        self._wake_sent = False
+        self._news_task: asyncio.Task[None] | None = None
         self._synced: dict[str, list[asyncio.Future[None]]] = {}
         self._compactor: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ names
 
@@ -361,11 +376,14 @@ class RedisEventLog(EventLog):
             await self._redis.aclose()
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
         self._writer_conn = self._client(single_connection_client=True)
-        self._reader_conn = self._client(single_connection_client=True, socket_timeout=None,
-                                         client_name=self.reader_name)
+        self._reader_conn = self._client(single_connection_client=True, client_name=self.reader_name)
+        # RESP2: pub/sub messages are plain arrays, parsed here in bulk.
+        self._news_conn = self._client(single_connection_client=True, socket_timeout=None,
+                                       client_name=self.news_name, protocol=2)
         self._loop = asyncio.get_running_loop()
         self._writer = asyncio.ensure_future(self._run_writer())
         self._reader = asyncio.ensure_future(self._run_reader())
+        self._news_task = asyncio.ensure_future(self._run_news())
         if self.retention_s is not None and self.compact_every_s:
             self._compactor = asyncio.ensure_future(self._run_compactor())
 
@@ -375,18 +393,14 @@ class RedisEventLog(EventLog):
             return
         self._closing = True
         self._queued.set()
-        self._reader_idle.set()
+        self._stirred.set()
         if self._writer is not None:
             await asyncio.shield(self._writer)
-        for task in (self._reader, self._compactor, *self._background):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._reader, self._compactor, *self._background) if t is not None),
-                             return_exceptions=True)
-        try:
-            await self._redis.delete(self.wake_key)
-        except RedisError:
-            pass
+        tasks = [t for t in (self._reader, self._news_task, self._compactor) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._news_conn.aclose()
         await self._reader_conn.aclose()
         await self._writer_conn.aclose()
         await self._redis.aclose()
@@ -622,48 +636,34 @@ class RedisEventLog(EventLog):
         self._synced.setdefault(session, []).append(fut)
         await fut
 
-    def _on_first_follower(self, session: str) -> None:
-        if self._reader is None or self._closing:
-            return
-        if self.reader_phase == "idle":
-            self._reader_idle.set()
-        elif self.reader_phase == "blocked" and not self._wake_sent:
-            self._wake_sent = True
-            task = asyncio.ensure_future(self._wake())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        # "sync": the reader looks for new sessions again before it blocks.
-
-    async def _wake(self) -> None:
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.execute_command("XADD", self.wake_key, "MAXLEN", "1", "*", "w", "1")
-            pipe.execute_command("PEXPIRE", self.wake_key, 86_400_000)  # outlives no crashed instance for long
-            await pipe.execute()
-        except RedisError as exc:
-            log.warning("could not wake the stream reader: %s", exc)
+    def _on_followers_changed(self) -> None:
+        self._followers_changed = True
+        self._stirred.set()
 
     async def _run_reader(self) -> None:
-        conn = self._reader_conn
         backoff = 0.05
+        next_sweep = time.monotonic() + self.sweep_s
         while not self._closing:  # (redis-py may turn a cancellation into a ConnectionError)
             try:
-                self._wake_sent = False
-                self.reader_phase = "sync"
                 await self._sync_followed()
                 if self._closing:
                     return
-                if not self._cursor:
-                    self.reader_phase = "idle"
-                    await self._reader_idle.wait()
-                    self._reader_idle.clear()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.sweep_s
+                    self._news.update(self._cursor)
+                if not self._news:
+                    self._stirred.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stirred.wait(), self.sweep_s if self._cursor else None)
                     continue
-                self.reader_phase = "blocked"
-                (reply,) = await _exchange(conn, [self._xread_command()])
-                if isinstance(reply, Exception):
-                    raise reply
-                if reply:
-                    self._deliver(reply)
+                news = [s for s in self._news if s in self._cursor]
+                self._news.clear()
+                if news:
+                    (reply,) = await _exchange(self._reader_conn, [self._xread_command(news)])
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if reply:
+                        self._deliver(reply)
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
@@ -671,28 +671,20 @@ class RedisEventLog(EventLog):
                 if self._closing:
                     return
                 log.warning("stream reader: %r; retrying", exc)
-                self.reader_phase = "sync"
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
-                # Whatever happened meanwhile, followers re-read the log once.
-                for listeners in self.feed.followed().values():
-                    for listener in listeners:
-                        listener.resync()
+                self._followers_changed = True  # a sync cut short is done again
+                self._news.update(self._cursor)
 
-    def _xread_command(self) -> bytes:
-        """``XREAD BLOCK ms COUNT n STREAMS <keys…> <wake> <ids…> <wake id>``,
-        packed from the keys' cached RESP (a command over thousands of streams
-        is built on every round)."""
+    def _xread_command(self, sessions: list[str]) -> bytes:
+        """``XREAD COUNT n STREAMS <keys…> <ids…>``, packed from the keys' cached RESP."""
         cursor = self._cursor
-        wake = self._wake_id
-        head = _pack(("XREAD", "BLOCK", self.block_ms, "COUNT", XREAD_COUNT, "STREAMS"))
-        parts = [b"*%d\r\n" % (6 + 2 * (len(cursor) + 1)), head[head.index(b"\r\n") + 2:]]
-        parts += [self._key_resp[s] for s in cursor]
-        parts.append(self._wake_resp)
-        for s in cursor:
+        head = _pack(("XREAD", "COUNT", XREAD_COUNT, "STREAMS"))
+        parts = [b"*%d\r\n" % (4 + 2 * len(sessions)), head[head.index(b"\r\n") + 2:]]
+        parts += [self._key_resp[s] for s in sessions]
+        for s in sessions:
             sid = b"%d-0" % cursor[s]
             parts.append(b"$%d\r\n%b\r\n" % (len(sid), sid))
-        parts.append(b"$%d\r\n%b\r\n" % (len(wake), wake))
         return b"".join(parts)
 
     def _deliver(self, reply: Any) -> None:
@@ -702,12 +694,11 @@ class RedisEventLog(EventLog):
         # RESP3 answers a map, RESP2 a list of [key, entries] pairs.
         for key, entries in (reply.items() if isinstance(reply, dict) else reply):
             session = sessions.get(key)
-            if session is None:  # the wake stream
-                self._wake_id = entries[-1][0]
-                continue
-            last = cursor.get(session)
+            last = cursor.get(session) if session is not None else None
             if last is None:  # no follower any more
                 continue
+            if len(entries) >= XREAD_COUNT:
+                self._news.add(session)  # there may be more
             records = [_tuple_new(Record, (int(eid[:-2]), fields[1])) for eid, fields in entries]
             if records[0].seq <= last:  # some were published by our own append already
                 records = [r for r in records if r.seq > last]
@@ -717,26 +708,47 @@ class RedisEventLog(EventLog):
             publish(session, records)
 
     async def _sync_followed(self) -> None:
-        """Make the set the reader follows equal to the sessions with local followers."""
+        """Make the set the reader follows equal to the sessions with local
+        followers: subscribe to a new session's news, and once Redis confirmed
+        it, start at its current last seq (so nothing between the two is missed)."""
+        if not self._followers_changed:
+            return
+        self._followers_changed = False
         followed = self.feed.followed()
-        for s in [s for s in self._cursor if s not in followed]:
-            del self._cursor[s]
-            del self._key_sessions[self._log_keys.pop(s)]
-            del self._key_resp[s]
+        gone = [s for s in self._log_keys if s not in followed]
+        if gone:
+            channels = [self._log_keys[s] for s in gone]
+            for s in gone:
+                self._cursor.pop(s, None)
+                self._key_resp.pop(s, None)
+                self._news.discard(s)
+                del self._key_sessions[self._log_keys.pop(s)]
+            await self._send_news(("UNSUBSCRIBE", *channels))
         while True:
             new = [s for s in followed if s not in self._cursor]
             if not new:
                 return
+            fresh = [s for s in new if s not in self._log_keys]
+            if fresh:
+                channels = []
+                for s in fresh:
+                    key = self.key(s, "log").encode()
+                    self._log_keys[s] = key
+                    self._key_sessions[key] = s
+                    channels.append(key)
+                    self._expect_ack(key)
+                await self._send_news(("SUBSCRIBE", *channels))
+            # (a SUBSCRIBE lost with the news connection is sent again by its reconnect)
+            waits = [fut for s in new if (fut := self._acked.get(self._log_keys[s])) is not None]
+            await asyncio.gather(*waits)
             values = await self._redis.mget([self.key(s, "seq") for s in new])
             for s, v in zip(new, values):
                 listeners = followed.get(s)
-                if listeners is None:
+                if listeners is None or s not in self._log_keys:
                     continue
                 start = int(v or 0)
                 self._cursor[s] = start
-                key = self.key(s, "log").encode()
-                self._log_keys[s] = key
-                self._key_sessions[key] = s
+                key = self._log_keys[s]
                 self._key_resp[s] = b"$%d\r\n%b\r\n" % (len(key), key)
                 if start:
                     # A follower that subscribed before this start may have
@@ -746,6 +758,82 @@ class RedisEventLog(EventLog):
                 for fut in self._synced.pop(s, ()):
                     if not fut.done():
                         fut.set_result(None)
+
+    def _expect_ack(self, channel: bytes) -> None:
+        self._unacked[channel] = self._unacked.get(channel, 0) + 1
+        if channel not in self._acked:
+            self._acked[channel] = asyncio.get_running_loop().create_future()
+
+    async def _send_news(self, command: tuple[Any, ...]) -> None:
+        # While the news connection is down its task subscribes to everything on reconnecting.
+        if self._news_up:
+            await self._news_conn.connection.send_packed_command(_pack(command), check_health=False)
+
+    async def _run_news(self) -> None:
+        """Read the news connection: each message names a stream that was
+        written (and its last seq); SUBSCRIBE confirmations release the reader."""
+        import hiredis
+
+        backoff = 0.05
+        while not self._closing:
+            try:
+                self._news_up = False
+                await self._news_conn.initialize()
+                conn = self._news_conn.connection
+                await conn.connect()  # (again, after a drop)
+                # From here the reader's SUBSCRIBEs go to this connection; the
+                # channels it named before are subscribed to here (pending
+                # confirmations then wait for this one).
+                self._news_up = True
+                channels = list(self._log_keys.values())
+                self._unacked = dict.fromkeys(channels, 1)
+                if channels:
+                    await conn.send_packed_command(_pack(("SUBSCRIBE", *channels)), check_health=False)
+                # Whatever was written while we were not listening is read now.
+                self._news.update(self._cursor)
+                self._stirred.set()
+                parser = hiredis.Reader()
+                stream = conn._reader  # redis-py's asyncio.StreamReader: replies are parsed here in bulk
+                backoff = 0.05
+                while True:
+                    data = await stream.read(1 << 16)
+                    if not data:
+                        raise ConnectionError("the news connection was closed")
+                    parser.feed(data)
+                    self._on_news(parser)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing:
+                    return
+                log.warning("stream news: %r; reconnecting", exc)
+                with contextlib.suppress(Exception):
+                    await self._news_conn.connection.disconnect()
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+
+    def _on_news(self, parser: Any) -> None:
+        sessions = self._key_sessions
+        cursor = self._cursor
+        news = self._news
+        while (msg := parser.gets()) is not False:
+            kind = msg[0]
+            if kind == b"message":
+                session = sessions.get(msg[1])
+                if session is not None and int(msg[2]) > cursor.get(session, -1):
+                    news.add(session)
+            elif kind == b"subscribe":
+                channel = msg[1]
+                left = self._unacked.get(channel, 0) - 1
+                if left <= 0:
+                    self._unacked.pop(channel, None)
+                    fut = self._acked.pop(channel, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                else:
+                    self._unacked[channel] = left
+        if news:
+            self._stirred.set()
 
     # ------------------------------------------------------------ retention
 
