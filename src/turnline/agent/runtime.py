@@ -122,6 +122,15 @@ class SessionHub:
     def emit(self, events: Sequence[AnyEvent]) -> asyncio.Future[None]:
         """Apply ``events`` to the state now and queue them for the store.
         The future resolves when they are durable."""
+        self._emit(events)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.state.last_seq, fut))
+        if not self._outbox and not self._flushing:
+            fut.set_result(None)  # nothing new: already durable
+        return fut
+
+    def _emit(self, events: Sequence[AnyEvent]) -> None:
+        """``emit`` for events nobody waits on (a streamed chunk): no future."""
         if self.broken is not None:
             raise CommandError(ErrorCode.INTERNAL, f"session store failed: {self.broken}")
         if self.evicted:
@@ -142,11 +151,6 @@ class SessionHub:
             if applied and not self._flushing:
                 self._flushing = True
                 asyncio.ensure_future(self._flush())
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.state.last_seq, fut))
-        if not self._outbox and not self._flushing:
-            fut.set_result(None)  # nothing new: already durable
-        return fut
 
     async def _flush(self) -> None:
         try:
@@ -213,7 +217,7 @@ class SessionHub:
             # would fail the store append and retire the whole session.
             raise TypeError(f"a chunk must be JSON-serialisable: {exc}") from None
         first = not self.state.active[turn.turn_id].chunks
-        self.emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
+        self._emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
         if first:
             self._publish_presence()
 
