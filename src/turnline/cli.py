@@ -74,10 +74,13 @@ def main() -> None:
               help="redis:// only: the in-process worker's session lease (see `turnline worker`)")
 @click.option("--voice/--no-voice", default=False, show_default=True,
               help="run the voice pipeline: audio over the WebSocket, espeak-ng speech, barge-in (docs/voice.md)")
+@click.option("--ws-deflate/--no-ws-deflate", default=False, show_default=True,
+              help="accept permessage-deflate on WebSockets: smaller catch-ups over slow links, paid "
+              "for with CPU on every frame and zlib memory on every connection")
 @click.option("--log-level", default="info", show_default=True)
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
           policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
-          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, log_level: str) -> None:
+          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str) -> None:
     """Run the server with an agent."""
     import uvicorn
 
@@ -116,7 +119,8 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
         click.echo(f"  DEV MODE: secret from {source}; POST /v1/dev/token?sub=NAME mints 15-minute tokens.")
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
+                ws_per_message_deflate=ws_deflate)
 
 
 def _gateway(store, agent_spec: str | None, config, lease_ms: int):  # type: ignore[no-untyped-def]
@@ -191,7 +195,12 @@ def worker(store_url: str, agent_spec: str, policy: str, queue_limit: int, abort
         await node.close()
         await store.close()
 
-    asyncio.run(run())
+    try:  # installed with uvicorn[standard]; the gateway's uvicorn uses it too
+        import uvloop
+    except ImportError:  # pragma: no cover - depends on the platform
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
 
 
 @main.command()
