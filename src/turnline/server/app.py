@@ -360,7 +360,7 @@ class TurnlineApp:
         # turnline.voice.install_voice; voice sits above this layer.
         self.voice: Any = None
         routes = [
-            WebSocketRoute("/v1/ws", self.ws_endpoint),
+            WebSocketRoute("/v1/ws", self.ws_endpoint),  # under a root_path (__call__ takes the plain path)
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
             Route("/v1/sessions/{session}/messages", self.get_messages, methods=["GET"]),
             Route("/v1/sessions/{session}/cancel", self.post_cancel, methods=["POST"]),

@@ -336,7 +336,7 @@ class RedisEventLog(EventLog):
         self._followers_changed = False  # a session gained its first follower or lost its last
         self._unacked: dict[bytes, int] = {}  # channel -> SUBSCRIBEs sent and not yet confirmed
         self._acked: dict[bytes, asyncio.Future[None]] = {}
-        self._news_up = False  # the news connection is subscribed to every channel in _log_keys
+        self._news_up = False  # the news connection is up: SUBSCRIBEs go to it (else its reconnect sends them)
         self._reader: asyncio.Task[None] | None = None
         self._news_task: asyncio.Task[None] | None = None
         self._synced: dict[str, list[asyncio.Future[None]]] = {}
@@ -744,7 +744,7 @@ class RedisEventLog(EventLog):
             values = await self._redis.mget([self.key(s, "seq") for s in new])
             for s, v in zip(new, values):
                 listeners = followed.get(s)
-                if listeners is None or s not in self._log_keys:
+                if listeners is None:
                     continue
                 start = int(v or 0)
                 self._cursor[s] = start
@@ -777,7 +777,6 @@ class RedisEventLog(EventLog):
         backoff = 0.05
         while not self._closing:
             try:
-                self._news_up = False
                 await self._news_conn.initialize()
                 conn = self._news_conn.connection
                 await conn.connect()  # (again, after a drop)
@@ -806,6 +805,7 @@ class RedisEventLog(EventLog):
             except Exception as exc:
                 if self._closing:
                     return
+                self._news_up = False
                 log.warning("stream news: %r; reconnecting", exc)
                 with contextlib.suppress(Exception):
                     await self._news_conn.connection.disconnect()
