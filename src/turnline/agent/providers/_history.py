@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 Part = dict[str, Any]
 
@@ -77,6 +77,21 @@ def text_of(parts: Iterable[Part]) -> str:
 
 def is_image(part: Part) -> bool:
     return part.get("type") == "file" and str(part.get("mediaType", "")).startswith("image/")
+
+
+def user_content(parts: list[Part], text_part: Callable[[str], Part], image_part: Callable[[str], Part]) -> Any:
+    """An OpenAI user message's content: the plain text, or, when it holds
+    images, its text and image parts in the API's shapes (built by
+    ``text_part(text)`` and ``image_part(url)``)."""
+    if not any(is_image(p) for p in parts):
+        return text_of(parts)
+    content: list[Part] = []
+    for p in parts:
+        if p.get("type") == "text" and p.get("text"):
+            content.append(text_part(p["text"]))
+        elif is_image(p):
+            content.append(image_part(p["url"]))
+    return content
 
 
 def data_url(url: str) -> tuple[str, str] | None:

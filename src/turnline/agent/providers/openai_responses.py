@@ -16,7 +16,7 @@ from ._base import (
     Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
     parse_json_event, request_headers, tool_input_done, usage_of,
 )
-from ._history import arguments_text, is_image, output_text, role_and_parts, steps, text_of, tool_result
+from ._history import arguments_text, output_text, role_and_parts, steps, text_of, tool_result, user_content
 
 PROVIDER = "openai.responses"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -217,15 +217,7 @@ def to_openai_responses(history: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _user_content(parts: list[dict[str, Any]]) -> Any:
-    if not any(is_image(p) for p in parts):
-        return text_of(parts)
-    content: list[dict[str, Any]] = []
-    for p in parts:
-        if p.get("type") == "text" and p.get("text"):
-            content.append({"type": "input_text", "text": p["text"]})
-        elif is_image(p):
-            content.append({"type": "input_image", "image_url": p["url"]})
-    return content
+    return user_content(parts, lambda t: {"type": "input_text", "text": t}, lambda url: {"type": "input_image", "image_url": url})
 
 
 def openai_responses_tool_result(call_id: str, output: Any) -> dict[str, Any]:
