@@ -44,9 +44,10 @@ TIMEOUT = 10.0
 
 
 class Server:
-    def __init__(self, tmp: Path, db: str):
+    def __init__(self, tmp: Path, db: str, *extra: str):
         self.tmp = tmp
         self.db = db
+        self.extra = extra  # more `turnline serve` options
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.runs = 0
@@ -64,7 +65,7 @@ class Server:
         self.log = open(self.tmp / f"server-{self.runs}.log", "wb")
         self.proc = await asyncio.create_subprocess_exec(
             TURNLINE, "serve", "--store", f"sqlite:///{self.db}", "--port", str(self.port), "--secret", SECRET,
-            "--no-dev", "--agent", "tests.agents:slow", "--log-level", "warning",
+            "--no-dev", "--agent", "tests.agents:slow", "--log-level", "warning", *self.extra,
             cwd=ROOT, env=env, stdout=self.log, stderr=asyncio.subprocess.STDOUT)
         async with httpx.AsyncClient(timeout=1.0) as client:
             async with asyncio.timeout(START_TIMEOUT):
