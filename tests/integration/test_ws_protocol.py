@@ -438,6 +438,27 @@ async def test_subscribe_after_zero_replays_from_seq_1(srv: Any) -> None:
         await c.close()
 
 
+async def test_a_subscriber_too_far_behind_gets_what_was_queued_then_1013(serve: Any, gate: Gate) -> None:
+    srv = serve(agent=make_agent(gate), server_config={"max_pending_frames": 2})
+    writer = await connected(srv)  # not subscribed: it would be too far behind itself
+    await writer.say(S, "words 600")
+    async with asyncio.timeout(10):
+        log = await settled_log(srv, S)
+        while not any(e["type"] == "turn-end" for e in log):
+            await asyncio.sleep(0.01)
+            log = await settled_log(srv, S)
+    assert len(log) > 2 * 256  # one catch-up page of more than two frames, queued at once
+    reader = await connected(srv, "bob")
+    await reader.send({"op": "subscribe", "session": S, "after": 0})
+    await reader.wait_until(lambda: reader.closed is not None, what="the close")
+    assert reader.closed.rcvd is not None and reader.closed.rcvd.code == 1013
+    # What was queued before the overrun (with or without the ack still queued), then nothing.
+    got = reader.events[S]
+    assert len(got) in (256, 2 * 256) and got == log[:len(got)]
+    await writer.ping()  # the server serves on
+    await writer.close()
+
+
 async def test_subscribe_without_after_is_live_only(srv: Any) -> None:
     writer = await connected(srv)
     await writer.subscribe(S)
