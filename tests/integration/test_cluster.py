@@ -472,6 +472,40 @@ async def test_a_worker_that_lost_its_lease_cannot_write(redis_url: str, redis_p
             gate.set()
 
 
+async def test_a_retried_cancel_is_answered_from_the_log_and_stops_nothing_new(
+        redis_url: str, redis_prefix: str) -> None:
+    from turnline.agent.cluster import Command
+
+    async def agent(turn: Any) -> Any:
+        yield "working"
+        await asyncio.Event().wait()  # runs until cancelled
+
+    session = "cancel-retry"
+    cancel = Command(rid="req-c", gw="gw-test", session=session, op="cancel",
+                     args={"requester": "alice", "request_id": "cancel-1"})
+    async with two_workers(redis_url, redis_prefix, agent) as (store, wa, wb), asyncio.timeout(30):
+        assert (await wa.handle(send_command("req-1", session, "m1", "turn-1"))).result["started"] == ["turn-1"]
+        first = await wa.handle(cancel)
+        assert first is not None and first.result["cancelled"] == ["turn-1"], first
+
+        # A dies before its answer reaches the gateway; B takes the session
+        # and alice sends again, on another device.
+        await wa.bus.redis.delete(store.key(session, "lease"))
+        second = await wb.handle(send_command("req-2", session, "m2", "turn-2"))
+        assert second is not None and second.result["started"] == ["turn-2"], second
+
+        # The gateway, unsure the cancel ran, retries it: B answers with the
+        # first outcome, and the new turn runs on.
+        again = await wb.handle(cancel)
+        assert again is not None and again.result["cancelled"] == ["turn-1"], again
+        assert again.result["request_id"] == "cancel-1"
+        hub_b = wb.runtime.loaded(session)
+        assert hub_b is not None and "turn-2" in hub_b.state.active
+        assert hub_b.state.active["turn-2"].cancel is None
+        log = [json.loads(r.data) for r in await store.read(session)]
+        assert [e["request_id"] for e in log if e["type"] == "cancel"] == ["cancel-1"]
+
+
 def test_the_multinode_example_runs(tmp_path: Path) -> None:
     """examples/multinode: every Procfile line started as honcho would (with
     .env, on free ports), then its demo: stopped on the other gateway, the

@@ -23,8 +23,8 @@ between reapers) and loads it: recovery ends the turns that lost their runner
 with ``error``/``worker_lost`` and starts the queued inputs (they are in the
 log). So a worker's death is noticed within ``lease_ms + reaper_interval_s``.
 
-Commands are idempotent: the gateway names the message and turn ids of a send
-(and the turn of a regenerate) before it routes it, so a retried command that
+Commands are idempotent: the gateway names the message and turn ids of a send,
+the turn of a regenerate and the request id of a cancel before it routes it, so a retried command that
 already ran is answered from the log with its outcome instead of running twice.
 """
 
@@ -251,8 +251,12 @@ async def _op_send(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, asyncio.Fut
 
 
 async def _op_cancel(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, asyncio.Future[None]]:
+    request_id = a.get("request_id")
+    answered = hub.state.cancel_answers.get(request_id) if request_id is not None else None
+    if answered is not None:
+        return msgspec.to_builtins(answered), _durable_now(hub)
     flt = msgspec.convert(a["filter"], CancelFilter) if a.get("filter") else None
-    result, durable = await hub.cancel(a["requester"], flt, a.get("seen"),
+    result, durable = await hub.cancel(a["requester"], flt, a.get("seen"), request_id=request_id,
                                        may_cancel_others=bool(a.get("may_cancel_others")))
     return msgspec.to_builtins(result), durable
 

@@ -341,7 +341,8 @@ class SessionHub:
         return SendOutcome([], started=[turn_id]), fut
 
     async def cancel(self, requester: str, flt: CancelFilter | None, seen: int | None = None, *,
-                     may_cancel_others: bool = False) -> tuple[CancelResult, asyncio.Future[None]]:
+                     may_cancel_others: bool = False,
+                     request_id: str | None = None) -> tuple[CancelResult, asyncio.Future[None]]:
         received = time.perf_counter()
         flt = (flt or CancelFilter(own=True)).normalized()
         match = self.state.match_cancel(flt, requester, seen)
@@ -376,7 +377,7 @@ class SessionHub:
             self._abort(t, "cancelled")
         if allowed:
             self.metrics.abort_latency.observe(time.perf_counter() - received)
-        request_id = new_id("cancel")
+        request_id = request_id or new_id("cancel")
         result = CancelResult(request_id=request_id, cancelled=allowed + queued + revisable,
                               rejected=rejected, pending=pending, client_id=self.runtime.agent_id)
         events: list[AnyEvent] = [CancelEvent(request_id=request_id, filter=flt, seen=seen, client_id=requester),

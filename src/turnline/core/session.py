@@ -128,6 +128,10 @@ class Session:
         self.hidden: set[str] = set()
         self.presence: Presence | None = None
         self._cancel_requests: dict[str, CancelEvent] = {}
+        # The first answer to each recent cancel request, so that a retried
+        # request (a gateway unsure whether a dead worker ran it) is answered
+        # with it instead of cancelling whatever runs now.
+        self.cancel_answers: dict[str, CancelResult] = {}
         self._ended_order: list[str] = []
         self._keep_ended = keep_ended_turns
         self.tool_cancel_text = tool_cancel_text
@@ -210,6 +214,10 @@ class Session:
 
     def _on_cancel_result(self, ev: CancelResult) -> None:
         request = self._cancel_requests.pop(ev.request_id, None)
+        if ev.request_id not in self.cancel_answers:
+            self.cancel_answers[ev.request_id] = ev
+            if len(self.cancel_answers) > PENDING_CANCEL_LIMIT:
+                self.cancel_answers.pop(next(iter(self.cancel_answers)))
         for turn_id in ev.cancelled:
             pending = self.pending_cancels.pop(turn_id, None)
             seen = request.seen if request is not None else pending.seen if pending is not None else None

@@ -86,7 +86,8 @@ class RemoteHub:
 
     async def cancel(self, requester: str, flt: CancelFilter | None, seen: int | None = None, *,
                      may_cancel_others: bool = False) -> tuple[CancelResult, asyncio.Future[None]]:
-        args: dict[str, Any] = {"requester": requester, "may_cancel_others": may_cancel_others}
+        args: dict[str, Any] = {"requester": requester, "may_cancel_others": may_cancel_others,
+                                "request_id": new_id("cancel")}
         if flt is not None:
             args["filter"] = msgspec.to_builtins(flt)
         if seen is not None:
