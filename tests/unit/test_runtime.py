@@ -209,11 +209,11 @@ async def test_async_upstream_is_closed_before_turn_end(make_runtime) -> None:
     tid = await send(hub)
     up.feed("Hello ", "world")
     await until(lambda: up.yielded == ["Hello ", "world"] and "world" in str(hub.state.turns[tid].chunks))
+    turn_obj = hub.turns[tid]
     result, fut = await hub.cancel("alice", OWN)
     await fut
     assert result.cancelled == [tid]
     n_at_cancel = len(up.yielded)
-    turn_obj = hub.turns[tid]
     up.feed("after", "the", "cancel")  # the model keeps producing: nobody reads it
     end = await wait_end(hub, tid)
     assert up.exit in ("CancelledError", "GeneratorExit")

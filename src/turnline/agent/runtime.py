@@ -11,6 +11,7 @@ store's feed once they are durable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -150,35 +151,54 @@ class SessionHub:
             self._outbox.extend(events[:applied])
             if applied and not self._flushing:
                 self._flushing = True
-                asyncio.ensure_future(self._flush())
+                # On the next loop turn, so that what else this turn emits goes in the same append.
+                asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _flush(self) -> None:
-        try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                records = await self.store.append(self.session_id, batch, fence=self.fence)
-                if records[0].seq != batch[0].seq:
-                    raise InvariantError(
-                        f"store assigned seq {records[0].seq}, expected {batch[0].seq}: another writer?")
-                self.metrics.events_appended.inc(len(records))
-                last = records[-1].seq
-                ready = [f for s, f in self._waiters if s <= last]
-                self._waiters = [(s, f) for s, f in self._waiters if s > last]
-                for f in ready:
-                    if not f.done():
-                        f.set_result(None)
-                if self._drained is not None and len(self._outbox) < self.runtime.config.max_outbox:
-                    self._drained.set_result(None)
-                    self._drained = None
-        except BaseException as exc:  # the state is now ahead of the log: retire this hub
-            self.metrics.store_errors.inc()
-            if isinstance(exc, StoreError):  # refused (e.g. fenced: another node owns the session now)
-                log.warning("append refused for session %s: %s", self.session_id, exc)
-            else:
-                log.exception("append failed for session %s", self.session_id)
-            self.retire(exc)
-        finally:
+    def _flush(self) -> None:
+        """Hand the outbox to the store; what is emitted meanwhile goes once it is stored."""
+        if self.broken is not None:
             self._flushing = False
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            stored = self.store.append_soon(self.session_id, batch, fence=self.fence)
+        except BaseException as exc:
+            self._store_failed(exc)
+            return
+        stored.add_done_callback(functools.partial(self._stored, batch[0].seq))
+
+    def _stored(self, first: int, stored: asyncio.Future[list[Record]]) -> None:
+        try:
+            records = stored.result()
+            if records[0].seq != first:
+                raise InvariantError(f"store assigned seq {records[0].seq}, expected {first}: another writer?")
+        except BaseException as exc:
+            self._store_failed(exc)
+            return
+        self.metrics.events_appended.inc(len(records))
+        last = records[-1].seq
+        ready = [f for s, f in self._waiters if s <= last]
+        self._waiters = [(s, f) for s, f in self._waiters if s > last]
+        for f in ready:
+            if not f.done():
+                f.set_result(None)
+        if self._drained is not None and len(self._outbox) < self.runtime.config.max_outbox:
+            self._drained.set_result(None)
+            self._drained = None
+        if self._outbox:
+            self._flush()
+        else:
+            self._flushing = False
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """The state is now ahead of the log: retire this hub."""
+        self._flushing = False
+        self.metrics.store_errors.inc()
+        if isinstance(exc, StoreError):  # refused (e.g. fenced: another node owns the session now)
+            log.warning("append refused for session %s: %s", self.session_id, exc)
+        else:
+            log.error("append failed for session %s", self.session_id, exc_info=exc)
+        self.retire(exc)
 
     def retire(self, exc: BaseException) -> None:
         """Stop writing: the log can no longer take this hub's events (the

@@ -137,6 +137,13 @@ class EventLog(ABC):
         """Append ``events`` (see the module docstring). ``fence``: append only
         while the session's lease holds this token (shared stores only)."""
 
+    def append_soon(self, session: str, events: Sequence[AnyEvent], *,
+                    fence: str | None = None) -> asyncio.Future[list[Record]]:
+        """``append``, started now; the future of its records. A store whose
+        own writer batches appends hands out that writer's future, which saves
+        a writer of many small appends (a streaming turn) a task for each."""
+        return asyncio.ensure_future(self.append(session, events, fence=fence))
+
     @abstractmethod
     async def read(self, session: str, after: int = 0, limit: int | None = None) -> list[Record]: ...
 

@@ -414,18 +414,23 @@ class RedisEventLog(EventLog):
     # ------------------------------------------------------------ writes
 
     async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
+        # Shielded: a caller cancelled while waiting does not withdraw the append.
+        return await asyncio.shield(self.append_soon(session, events, fence=fence))
+
+    def append_soon(self, session: str, events: Sequence[AnyEvent], *,
+                    fence: str | None = None) -> asyncio.Future[list[Record]]:
         self._check_open()
+        future: asyncio.Future[list[Record]] = self._loop.create_future()  # type: ignore[union-attr]
         if not events:
-            return []
+            future.set_result([])
+            return future
         events = list(events)
         if events[0].seq != 0 and any(ev.seq != events[0].seq + i for i, ev in enumerate(events)):
             raise StoreError("events given with seqs must carry consecutive seqs")
-        future: asyncio.Future[list[Record]] = asyncio.get_running_loop().create_future()
         self._calls += 1
         self._queue.append(_Append(self._calls, session, events, fence, future))
         self._queued.set()
-        # Shielded: a caller cancelled while waiting does not withdraw the append.
-        return await asyncio.shield(future)
+        return future
 
     async def _run_writer(self) -> None:
         while True:
