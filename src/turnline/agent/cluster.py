@@ -47,7 +47,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.session import Session
-from ..protocol import CancelFilter, ErrorCode, ErrorInfo, MessageIn, now_ms
+from ..protocol import (
+    AnyEvent, CancelFilter, ErrorCode, ErrorInfo, MessageIn, SpeechInterrupted, TurnRevised, now_ms,
+)
 from .runtime import CommandError, Runtime, RuntimeConfig, SendOutcome, SessionHub
 
 log = logging.getLogger("turnline.cluster")
@@ -269,9 +271,76 @@ async def _op_regenerate(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, async
     return asdict(outcome), durable
 
 
+def _recordable(hub: SessionHub, raw: list[Any]) -> list[SpeechInterrupted | TurnRevised]:
+    """The events of a ``record`` command, checked: only these two kinds, of
+    turns the session has, a revision only of an ended turn and its own message."""
+    try:
+        events = msgspec.convert(raw, list[AnyEvent])
+    except msgspec.ValidationError as exc:
+        raise CommandError(ErrorCode.BAD_FRAME, f"record: {exc}") from None
+    state = hub.state
+    for ev in events:
+        if not isinstance(ev, (SpeechInterrupted, TurnRevised)):
+            raise CommandError(ErrorCode.FORBIDDEN, f"record appends speech-interrupted and turn-revised only, "
+                                                    f"not {type(ev).__name__}")
+        turn = state.turns.get(ev.turn_id)
+        if turn is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no turn {ev.turn_id}")
+        if isinstance(ev, TurnRevised) and (turn.active or ev.message.id != turn.message_id):
+            raise CommandError(ErrorCode.CONFLICT, f"turn-revised of {ev.turn_id}: the turn has not ended, "
+                                                   f"or the message is not its reply")
+        ev.seq = 0  # numbered by the hub
+    return events  # type: ignore[return-value]
+
+
+async def _recorded_since(hub: SessionHub, after: int, wanted: list[SpeechInterrupted]) -> set[int]:
+    """Which of ``wanted`` the log already holds after seq ``after``."""
+    bare = [msgspec.structs.replace(w, seq=0, ts=0) for w in wanted]
+    found: set[int] = set()
+    while len(found) < len(bare):
+        page = await hub.store.read(hub.session_id, after, 1000)
+        for rec in page:
+            if b'"speech-interrupted"' not in rec.data:
+                continue  # most of the log is chunks: not decoded
+            ev = rec.event()
+            if isinstance(ev, SpeechInterrupted):
+                same = msgspec.structs.replace(ev, seq=0, ts=0)
+                found.update(i for i, w in enumerate(bare) if w == same)
+        if len(page) < 1000:
+            break
+        after = page[-1].seq
+    return found
+
+
+async def _op_record(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, asyncio.Future[None]]:
+    """Append the voice events a gateway decided (gateways never write a log):
+    ``speech-interrupted``, and ``turn-revised`` of an ended turn. A retry
+    appends nothing twice: a revision the state already holds (revised, same
+    reason, same message) is skipped, and so is a ``speech-interrupted`` equal
+    to one the log holds after ``after``, the gateway's last seq when it asked
+    (a voice session records one per turn and mode)."""
+    events = _recordable(hub, a.get("events") or [])
+    skip: set[int] = set()
+    interruptions = [i for i, ev in enumerate(events) if isinstance(ev, SpeechInterrupted)]
+    if interruptions:
+        found = await _recorded_since(hub, int(a.get("after") or 0), [events[i] for i in interruptions])
+        skip.update(interruptions[j] for j in found)
+    state = hub.state
+    for i, ev in enumerate(events):
+        if isinstance(ev, TurnRevised):
+            turn = state.turns[ev.turn_id]
+            if turn.revised and turn.reason == ev.reason and state.messages.get(ev.message.id) == ev.message:
+                skip.add(i)
+    fresh = [ev for i, ev in enumerate(events) if i not in skip]
+    if not fresh:
+        return {"appended": 0}, _durable_now(hub)
+    return {"appended": len(fresh)}, hub.emit(fresh)
+
+
 register_op("send", _op_send)
 register_op("cancel", _op_cancel)
 register_op("regenerate", _op_regenerate)
+register_op("record", _op_record)
 
 
 # ---------------------------------------------------------------- the worker

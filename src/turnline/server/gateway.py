@@ -8,7 +8,9 @@ time the hub is asked for and after each of its commands), and its commands
 go to the worker that holds the session's lease, or to the dispatch stream
 when none does (see :mod:`turnline.agent.cluster`). A command returns once
 its result is durable, in the same ``(outcome, durable future)`` shape as a
-local hub's.
+local hub's. ``emit`` (what the voice pipeline writes: ``speech-interrupted``,
+``turn-revised``) goes the same way, as the ``record`` command; no turn runs
+here, so ``turns`` is always empty.
 
 A gateway keeps nothing that another gateway would need: a client may resume
 through any of them.
@@ -27,7 +29,7 @@ from ..agent.cluster import Bus, ClusterConfig, ClusterWorker, Command, Reply, d
 from ..agent.metrics import Metrics
 from ..agent.runtime import CommandError, RuntimeConfig, SendOutcome, new_id
 from ..core.session import Session
-from ..protocol import CancelFilter, CancelResult, ErrorCode, MessageIn, now_ms
+from ..protocol import AnyEvent, CancelFilter, CancelResult, ErrorCode, MessageIn, now_ms
 from ..store.base import EventLog, Record
 
 log = logging.getLogger("turnline.gateway")
@@ -49,6 +51,8 @@ class RemoteHub:
         self.runtime = runtime
         self.session_id = session_id
         self.state = Session(session_id, tool_cancel_text=runtime.config.tool_cancel_text)
+        self.turns: dict[str, Any] = {}  # a local hub's running turns: they run on workers, never here
+        self._recording: asyncio.Task[None] | None = None  # the latest emit, until its reply
 
     async def refresh(self) -> None:
         """Apply what the log holds beyond the replica (read-your-writes: an
@@ -65,10 +69,51 @@ class RemoteHub:
 
     async def call(self, op: str, **args: Any) -> Any:
         """Run command ``op`` on the session's owner (see ``cluster.register_op``).
-        Afterwards the replica holds what it did, as a local hub's state would."""
+        Afterwards the replica holds what it did, as a local hub's state would.
+        It is routed after what this hub emitted before it, as a local hub's
+        emit is decided before any later command."""
+        recording = self._recording
+        if recording is not None and not recording.done():
+            await asyncio.wait([recording])  # (not cancelled with this caller)
+        return await self._run(op, args)
+
+    async def _run(self, op: str, args: dict[str, Any]) -> Any:
         result = await self.runtime.call(self.session_id, op, args)
         await self.refresh()
         return result
+
+    def emit(self, events: Sequence[AnyEvent]) -> asyncio.Future[None]:
+        """Have the session's owner append ``events`` (the ``record`` command:
+        ``speech-interrupted`` and ``turn-revised`` only). Unlike a local hub's
+        emit, the state takes them only once they are stored: the future
+        resolves then (the replica holds them), or fails with the worker's
+        ``CommandError``. Emits reach the log in the order they were made."""
+        loop = asyncio.get_running_loop()
+        args = {"events": [msgspec.to_builtins(ev) for ev in events],
+                # A retry is recognised by what the log holds after this.
+                "after": self.state.last_seq}
+        previous = self._recording
+        durable: asyncio.Future[None] = loop.create_future()
+
+        async def record() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            try:
+                await self._run("record", args)
+            except Exception as exc:
+                if not isinstance(exc, CommandError):  # (the refresh's store read)
+                    exc = CommandError(ErrorCode.INTERNAL, f"recording failed: {type(exc).__name__}: {exc}")
+                if not durable.done():
+                    durable.set_exception(exc)
+                    durable.exception()  # retrieved: nobody may be waiting (an automatic barge-in)
+                log.warning("voice events on %s were not stored: %s", self.session_id, exc)
+            else:
+                if not durable.done():
+                    durable.set_result(None)
+
+        # The caller holds only ``durable``: cancelling a wait on it does not withdraw the events.
+        self._recording = asyncio.ensure_future(record())
+        return durable
 
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
                    parent_id: str | None = None, steer: str | None = None,
@@ -106,6 +151,7 @@ class RemoteRuntime:
     in-process worker (``turnline serve --store redis://… --agent …``)."""
 
     agent = None
+    agent_id = "agent"  # the client id of what the server writes on the agent's behalf (a worker Runtime's)
 
     def __init__(self, store: EventLog, cluster: ClusterConfig | None = None, *, url: str | None = None,
                  config: RuntimeConfig | None = None, metrics: Metrics | None = None,

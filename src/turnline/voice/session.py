@@ -11,7 +11,9 @@ The session's log stays the source of truth: the voice session follows it
 like any subscriber (turns, chunks, cancels, ends), and writes to it only
 through the session's hub: user messages (``send``), cancels,
 ``speech-interrupted`` events and, once an interrupted turn has ended and its
-playback is settled, the ``turn-revised`` message as heard.
+playback is settled, the ``turn-revised`` message as heard. The hub may be a
+gateway's (:class:`turnline.server.gateway.RemoteHub`): then all of these are
+commands the worker owning the session runs, and the turns run there.
 """
 
 from __future__ import annotations
@@ -766,7 +768,7 @@ class VoiceSession:
                     async with asyncio.timeout_at(deadline):
                         await ts.acked.wait()
             await self._turn_ended(ts.turn_id)
-            self._revise(ts)
+            await self._revise(ts)
         finally:
             ts.settled.set()
 
@@ -778,10 +780,20 @@ class VoiceSession:
             turn = hub.turns.get(turn_id)
             if turn is not None:
                 await turn.ended.wait()
-            else:
-                await asyncio.sleep(0.05)  # running without a runner here (another node): poll the state
+            else:  # it runs elsewhere (a gateway's hub: on a worker): its turn-end comes through the log
+                await self._turn_end_logged(turn_id, hub.state.last_seq)
 
-    def _revise(self, ts: TurnSpeech) -> None:
+    async def _turn_end_logged(self, turn_id: str, after: int) -> None:
+        async for batch in self.runtime.store.follow(self.session_id, after):
+            for record in batch:
+                if b'"turn-end"' not in record.data:
+                    continue
+                with contextlib.suppress(msgspec.DecodeError):
+                    ev = record.event()
+                    if isinstance(ev, TurnEnd) and ev.turn_id == turn_id:
+                        return
+
+    async def _revise(self, ts: TurnSpeech) -> None:
         hub = self.runtime.loaded(self.session_id)
         if hub is None:
             return
@@ -791,9 +803,9 @@ class VoiceSession:
             return
         heard_ms = ts.acked_ms
         revised = heard_message(message, ts.map.heard_end(heard_ms), heard_ms, self.history)
-        try:
-            hub.emit([TurnRevised(turn_id=ts.turn_id, reason=turn.reason,  # type: ignore[arg-type]
-                                  message=revised, client_id=self.runtime.agent_id)])
+        try:  # stored before the turn counts as settled: a send waiting on that comes after it
+            await hub.emit([TurnRevised(turn_id=ts.turn_id, reason=turn.reason,  # type: ignore[arg-type]
+                                        message=revised, client_id=self.runtime.agent_id)])
         except CommandError:
             log.warning("the heard revision of %s was not stored", ts.turn_id)
             return
