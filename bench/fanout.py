@@ -472,8 +472,12 @@ def _start_turnline(c: Cluster, s: Settings, workers: int) -> tuple[list[Proc], 
         return [gateway], gateway, f"ws://127.0.0.1:{port}/v1/ws"
     redis, url = c.redis()
     gateway = c.spawn("gateway", [*serve, "--store", url], env=env)
+    # Every session streams at once: a worker's default cap (256 sessions
+    # with work) would leave the rest waiting in the dispatch stream.
+    concurrency = str(-(-s.sessions // max(1, workers)) + 32)
     workers = [c.spawn(f"worker-{i}", [sys.executable, "-m", "turnline.cli", "worker", "--agent", agent,
-                                       "--store", url, "--log-level", "warning"], env=env)
+                                       "--store", url, "--concurrency", concurrency, "--log-level", "warning"],
+                       env=env)
                for i in range(workers)]
     c.wait_http(gateway, port)
     return [redis, gateway, *workers], gateway, f"ws://127.0.0.1:{port}/v1/ws"
