@@ -7,6 +7,11 @@ over a real WebSocket: it "plays" exactly what it acknowledges with
 ``played``, and speaks an espeak-ng WAV. Order is set by the gated tokens, the
 acks, the ping barrier and the server's signals, never by sleeping.
 
+One voice peer per session holds across gateways: two voice gateways on one
+Redis prefix; a second peer's ``voice-start`` on the other gateway is refused
+(``conflict``) until the first stops, or until a killed gateway's claim on the
+session's voice expires in Redis (polled, not slept for).
+
 In-process (two workers on one store, their loops not started): the ``record``
 command a gateway sends for the voice events appends nothing twice when it is
 retried on another worker, and appends nothing but those two kinds of event.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,21 +49,47 @@ def voices(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], bytes]:
     return lambda text: user_voice(text, Path(where))
 
 
+def voice_gateway(tmp_path: Path, cluster: Cluster, name: str = "gateway") -> Node:
+    """``turnline serve --store redis://… --voice`` with no agent (not yet ready)."""
+    port = free_port()
+    node = Node(tmp_path, name, [TURNLINE, "serve", "--store", cluster.store, "--secret", SECRET, "--no-dev",
+                                 "--voice", "--port", str(port), "--log-level", "warning"], cluster.env, port)
+    cluster.nodes.append(node)
+    return node
+
+
+def worker_node(tmp_path: Path, cluster: Cluster) -> Node:
+    node = Node(tmp_path, "worker", [TURNLINE, "worker", "--store", cluster.store, "--agent",
+                                     "tests.cluster_agents:gated", "--lease-ms", "1000", "--reaper-ms", "200",
+                                     "--log-level", "warning"], cluster.env)
+    cluster.nodes.append(node)
+    return node
+
+
 @pytest.fixture
 def voice_cluster(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[tuple[Cluster, Node, Node]]:
     """A voice gateway (no worker in it) and one worker process."""
     cluster = Cluster(tmp_path, redis_url, redis_prefix)
-    port = free_port()
-    gateway = Node(tmp_path, "gateway", [TURNLINE, "serve", "--store", cluster.store, "--secret", SECRET, "--no-dev",
-                                         "--voice", "--port", str(port), "--log-level", "warning"], cluster.env, port)
-    worker = Node(tmp_path, "worker", [TURNLINE, "worker", "--store", cluster.store, "--agent",
-                                       "tests.cluster_agents:gated", "--lease-ms", "1000", "--reaper-ms", "200",
-                                       "--log-level", "warning"], cluster.env)
-    cluster.nodes += [gateway, worker]
     try:
+        gateway = voice_gateway(tmp_path, cluster)
+        worker = worker_node(tmp_path, cluster)
         gateway.wait_ready()
         worker.wait_ready()
         yield cluster, gateway, worker
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def two_voice_gateways(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[tuple[Cluster, Node, Node]]:
+    """Two voice gateways on one Redis prefix, and one worker process."""
+    cluster = Cluster(tmp_path, redis_url, redis_prefix)
+    try:
+        nodes = [voice_gateway(tmp_path, cluster, "gateway-a"), voice_gateway(tmp_path, cluster, "gateway-b"),
+                 worker_node(tmp_path, cluster)]
+        for node in nodes:
+            node.wait_ready()
+        yield cluster, nodes[0], nodes[1]
     finally:
         cluster.stop()
 
@@ -115,6 +147,60 @@ async def test_barge_in_on_a_gateway_stops_the_workers_turn_and_keeps_what_was_h
         assert [e["type"] for e in log if e["type"] in ("speech-interrupted", "turn-revised")] == [
             "speech-interrupted", "turn-revised"]
         await ws.close()
+    await r.aclose()
+
+
+# ---------------------------------------------------------------- one voice peer per session, across gateways
+
+CLAIMED = "voice-claimed"
+CLAIM_EXPIRY_TIMEOUT = 30.0  # the default claim TTL is 10 s; generous for a busy machine
+
+
+def voice_start(session: str = CLAIMED) -> dict[str, Any]:
+    return {"op": "voice-start", "session": session}
+
+
+async def test_a_second_gateway_refuses_voice_on_a_session_until_the_first_stops(
+        two_voice_gateways: tuple[Cluster, Node, Node]) -> None:
+    cluster, gateway_a, gateway_b = two_voice_gateways
+    token = cluster.token()
+    async with asyncio.timeout(60):
+        peer_1 = await VoicePeer.open(gateway_a.ws, token)
+        peer_2 = await VoicePeer.open(gateway_b.ws, token)
+        await peer_1.ok(voice_start())
+        refused = await peer_2.fails(voice_start(), "conflict")
+        assert "another gateway" in refused["message"], refused
+        await peer_1.ok(voice_start())  # a restart on the same connection keeps the session's voice
+        await peer_2.fails(voice_start(), "conflict")
+
+        await peer_1.ok({"op": "voice-stop", "session": CLAIMED})
+        await peer_2.ok(voice_start())
+        await peer_1.fails(voice_start(), "conflict")  # now gateway A is the other one
+        await peer_1.close()
+        await peer_2.close()
+
+
+async def test_a_killed_gateways_voice_claim_expires_and_another_gateway_takes_the_session(
+        two_voice_gateways: tuple[Cluster, Node, Node]) -> None:
+    cluster, gateway_a, gateway_b = two_voice_gateways
+    r = cluster.redis()
+    claim = f"{cluster.prefix}:{{{CLAIMED}}}:voice"
+    token = cluster.token()
+    async with asyncio.timeout(90):
+        peer_1 = await VoicePeer.open(gateway_a.ws, token)
+        peer_2 = await VoicePeer.open(gateway_b.ws, token)
+        await peer_1.ok(voice_start())
+        await peer_2.fails(voice_start(), "conflict")
+
+        gateway_a.kill()  # no release: the claim outlives it until its TTL runs out
+        deadline = time.monotonic() + CLAIM_EXPIRY_TIMEOUT
+        while await r.exists(claim):
+            assert time.monotonic() < deadline, f"the dead gateway's claim {claim} did not expire"
+            await asyncio.sleep(0.1)
+        await peer_2.ok(voice_start())
+        assert await r.exists(claim)  # gateway B's claim now
+        await peer_1.abort()
+        await peer_2.close()
     await r.aclose()
 
 

@@ -150,8 +150,10 @@ class Bus:
         self.redis: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self.dispatch = f"{self.prefix}:dispatch"
         self.owned = f"{self.prefix}:owned"
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
+        # Compare-and-PEXPIRE, compare-and-DEL of a key holding a token (a
+        # lease, a voice claim): only while it still holds this holder's token.
+        self.renew_if_held = self.redis.register_script(_RENEW)
+        self.release_if_held = self.redis.register_script(_RELEASE)
 
     def lease_key(self, session: str) -> str:
         return self.store.key(session, "lease")
@@ -607,7 +609,7 @@ class ClusterWorker:
                 await redis.zadd(self.bus.owned, {session: 0})
             else:
                 await redis.zrem(self.bus.owned, session)
-            await self.bus._release(keys=[self.bus.lease_key(session)], args=[token])
+            await self.bus.release_if_held(keys=[self.bus.lease_key(session)], args=[token])
         except Exception as exc:  # the lease expires by itself
             log.warning("releasing %s: %s", session, exc)
 
@@ -637,8 +639,8 @@ class ClusterWorker:
         deadline = now_ms() + self.config.lease_ms
         async with self.bus.redis.pipeline(transaction=False) as pipe:
             for session, owned in items:
-                await self.bus._renew(keys=[self.bus.lease_key(session)],
-                                      args=[owned.token, self.config.lease_ms], client=pipe)
+                await self.bus.renew_if_held(keys=[self.bus.lease_key(session)],
+                                              args=[owned.token, self.config.lease_ms], client=pipe)
             results = await pipe.execute()
         kept: dict[str, int] = {}
         now = time.monotonic()

@@ -4,12 +4,17 @@
 know this module: it hands binary frames, the voice ops and the close of a
 connection to whatever object is installed as ``app.voice``.
 :func:`install_voice` installs a :class:`VoiceGateway` there.
+
+On Redis (a gateway's ``RemoteRuntime``, which has a ``bus``) one voice peer per
+session holds across gateways: a gateway claims the session's ``voice`` key
+before it starts voice there (:class:`_VoiceClaim`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from ..agent.runtime import CommandError
@@ -34,6 +39,30 @@ class _ConnectionSink:
         self.conn.push(encode(frame))
 
 
+class _VoiceClaim:
+    """One voice session's hold on its session id across the gateways of a
+    Redis store: the key ``{session}:voice``, set to the gateway id and a nonce
+    of this voice session, with a TTL, so a gateway killed with -9 frees the
+    session when the TTL runs out."""
+
+    def __init__(self, bus: Any, session_id: str, gateway_id: str, ttl_ms: int):
+        self.bus = bus
+        self.key: str = bus.store.key(session_id, "voice")
+        self.value = f"{gateway_id}:{uuid.uuid4().hex}"
+        self.ttl_ms = ttl_ms
+        self.renewer: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> bool:
+        return bool(await self.bus.redis.set(self.key, self.value, nx=True, px=self.ttl_ms))
+
+    async def renew(self) -> bool:
+        # Never one that expired and another gateway took.
+        return bool(await self.bus.renew_if_held(keys=[self.key], args=[self.value, self.ttl_ms]))
+
+    async def release(self) -> None:
+        await self.bus.release_if_held(keys=[self.key], args=[self.value])
+
+
 class VoiceGateway:
     """Voice sessions of one server, at most one per session id."""
 
@@ -44,6 +73,8 @@ class VoiceGateway:
         self.metrics = voice_metrics(self.runtime.metrics.registry)
         self.sessions: dict[str, VoiceSession] = {}
         self._peers: dict[str, Any] = {}  # session id → the connection that plays it
+        self._claims: dict[str, _VoiceClaim] = {}  # session id → this gateway's claim on it (Redis only)
+        self._releases: dict[str, asyncio.Task[None]] = {}  # session id → its claim being freed
 
     def session(self, session_id: str) -> VoiceSession | None:
         return self.sessions.get(session_id)
@@ -54,24 +85,78 @@ class VoiceGateway:
         ``voice-start`` does the same for a WebSocket peer)."""
         if session_id in self.sessions:
             raise CommandError(ErrorCode.CONFLICT, f"voice already runs on session {session_id}")
+        claim = await self._claim(session_id)
         try:
             voice = VoiceSession(self.runtime, session_id, client_id, sink, self.config, self.metrics,
                                  history=history, options=options,  # type: ignore[arg-type]
                                  may_cancel_others=may_cancel_others, on_close=self._closed)
         except (ValueError, RuntimeError) as exc:
+            if claim is not None:
+                await self._release(session_id, claim)
             raise CommandError(ErrorCode.BAD_FRAME, f"voice options: {exc}") from None
         self.sessions[session_id] = voice
-        await voice.start()
+        if claim is not None:
+            self._claims[session_id] = claim
+        try:
+            await voice.start()
+        except BaseException:
+            self._closed(voice)  # it never ran: the session (and its claim) is free again
+            raise
+        if claim is not None:
+            claim.renewer = asyncio.ensure_future(self._keep_claim(voice, claim))
+            claim.renewer.set_name(f"voice-claim-{session_id}")
         return voice
+
+    async def _claim(self, session_id: str) -> _VoiceClaim | None:
+        """On Redis, this gateway's claim on the session's voice; None on one node."""
+        bus = getattr(self.runtime, "bus", None)
+        if bus is None:
+            return None
+        freeing = self._releases.get(session_id)
+        if freeing is not None:  # a restart on this gateway: the old voice session's claim goes first
+            await asyncio.wait([freeing])
+        claim = _VoiceClaim(bus, session_id, self.runtime.id, self.config.claim_ttl_ms)
+        if not await claim.acquire():
+            raise CommandError(ErrorCode.CONFLICT, f"voice already runs on session {session_id} (another gateway)")
+        return claim
+
+    async def _keep_claim(self, voice: VoiceSession, claim: _VoiceClaim) -> None:
+        while voice.closed is None:
+            await asyncio.sleep(claim.ttl_ms / 3000)
+            try:
+                held = await claim.renew()
+            except Exception:  # Redis unreachable for now: the next try may still be within the TTL
+                log.warning("renewing the voice claim on session %s failed", voice.session_id, exc_info=True)
+                continue
+            if not held:  # it expired (this gateway stalled), so another gateway may run voice here now
+                log.warning("voice on session %s lost its claim: closing it", voice.session_id)
+                await voice.close("voice_claim_lost")
+                return
+
+    async def _release(self, session_id: str, claim: _VoiceClaim) -> None:
+        try:
+            await claim.release()
+        except Exception:  # it expires after its TTL anyway
+            log.warning("freeing the voice claim on session %s failed", session_id, exc_info=True)
+        finally:
+            if self._releases.get(session_id) is asyncio.current_task():
+                del self._releases[session_id]
 
     def _closed(self, voice: VoiceSession) -> None:
         if self.sessions.get(voice.session_id) is voice:
             del self.sessions[voice.session_id]
             self._peers.pop(voice.session_id, None)
+            claim = self._claims.pop(voice.session_id, None)
+            if claim is not None:
+                # (not when the renewer itself closes the voice session: it would cancel that close)
+                if claim.renewer is not None and claim.renewer is not asyncio.current_task():
+                    claim.renewer.cancel()
+                self._releases[voice.session_id] = asyncio.ensure_future(self._release(voice.session_id, claim))
 
     async def close(self) -> None:
         for voice in list(self.sessions.values()):
             await voice.close("shutdown")
+        await asyncio.gather(*self._releases.values(), return_exceptions=True)
 
     # ------------------------------------------------------------ the server's hook
 

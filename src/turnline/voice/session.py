@@ -86,6 +86,9 @@ class VoiceConfig:
     preroll_ms: int = 300  # audio before the detected start of an utterance given to the STT
     soft_min_chars: int = 24
     max_clause_chars: int = 200
+    # On Redis: how long a gateway's claim on a session's voice outlives the
+    # gateway (kill -9); renewed every third of it while the voice session lives.
+    claim_ttl_ms: int = 10000
 
 
 # ---------------------------------------------------------------- per-session options (voice-start)
