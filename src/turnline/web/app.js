@@ -4,8 +4,9 @@
 // /v1/dev/token; ?token=… in the URL uses a fixed token instead.
 
 import { connect, isValidId, messageText, newId } from "./turnline.js";
-import { browserUser, escapeHtml, messageSig, reconcile, sessionFromHash, showToast, storage, tokenOptions, truncate }
-  from "./ui.js";
+import {
+  browserUser, escapeHtml, messageSig, reconcile, renderBanner, sessionFromHash, showToast, storage, tokenOptions, truncate,
+} from "./ui.js";
 
 const $ = (sel) => document.querySelector(sel);
 const els = {
@@ -153,38 +154,11 @@ function renderHeader(view) {
 }
 
 function renderConnection() {
-  const state = conn.state;
-  const banner = els.banner;
-  if (state === "connected") {
-    if (ui.wasReconnecting) {
-      ui.wasReconnecting = false;
-      banner.dataset.state = "recovered";
-      els.bannerText.textContent = "Back online — you're all caught up.";
-      banner.hidden = false;
-      clearTimeout(ui.bannerTimer);
-      ui.bannerTimer = setTimeout(() => {
-        if (conn.state === "connected") banner.hidden = true;
-      }, 2500);
-    } else if (banner.dataset.state !== "recovered") {
-      banner.hidden = true;
-      banner.dataset.state = "connected";
-    }
-    return;
-  }
-  clearTimeout(ui.bannerTimer);
-  banner.hidden = false;
-  banner.dataset.state = state;
-  if (state === "reconnecting") {
-    ui.wasReconnecting = true;
-    const secs = conn.retryAt ? Math.max(0, Math.ceil((conn.retryAt - Date.now()) / 1000)) : 0;
-    const why = ui.tokenProblem ?? (navigator.onLine === false ? "You're offline." : "Connection lost.");
-    els.bannerText.textContent = `${why} Reconnecting${secs > 0 ? ` in ${secs}s` : "…"} — nothing is lost: answers keep going on the server.`;
-  } else if (state === "closed") {
-    els.bannerText.textContent = conn.error ? `Disconnected: ${conn.error.message}` : "Disconnected.";
-  } else {
-    els.bannerText.textContent = "Connecting…";
-  }
-  els.retry.hidden = state !== "reconnecting";
+  renderBanner(conn, els, ui, {
+    recovered: () => "Back online — you're all caught up.",
+    reconnecting: (why, secs) =>
+      `${why} Reconnecting${secs > 0 ? ` in ${secs}s` : "…"} — nothing is lost: answers keep going on the server.`,
+  });
 }
 
 function renderComposer(view) {

@@ -102,3 +102,42 @@ export function showToast(el, text, ms) {
   clearTimeout(el.toastTimer);
   el.toastTimer = setTimeout(() => { el.hidden = true; }, ms);
 }
+
+/** The connection banner of a page: hidden while connected, "recovered" for a
+ * moment after a reconnect, otherwise the state and why. `ui` holds the page's
+ * `wasReconnecting`, `bannerTimer` and `tokenProblem`; `texts.recovered()` and
+ * `texts.reconnecting(why, secs)` are the page's own words. */
+export function renderBanner(conn, els, ui, texts) {
+  const state = conn.state;
+  const banner = els.banner;
+  if (state === "connected") {
+    if (ui.wasReconnecting) {
+      ui.wasReconnecting = false;
+      banner.dataset.state = "recovered";
+      els.bannerText.textContent = texts.recovered();
+      banner.hidden = false;
+      clearTimeout(ui.bannerTimer);
+      ui.bannerTimer = setTimeout(() => {
+        if (conn.state === "connected") banner.hidden = true;
+      }, 2500);
+    } else if (banner.dataset.state !== "recovered") {
+      banner.hidden = true;
+      banner.dataset.state = "connected";
+    }
+    return;
+  }
+  clearTimeout(ui.bannerTimer);
+  banner.hidden = false;
+  banner.dataset.state = state;
+  if (state === "reconnecting") {
+    ui.wasReconnecting = true;
+    const secs = conn.retryAt ? Math.max(0, Math.ceil((conn.retryAt - Date.now()) / 1000)) : 0;
+    const why = ui.tokenProblem ?? (navigator.onLine === false ? "You're offline." : "Connection lost.");
+    els.bannerText.textContent = texts.reconnecting(why, secs);
+  } else if (state === "closed") {
+    els.bannerText.textContent = conn.error ? `Disconnected: ${conn.error.message}` : "Disconnected.";
+  } else {
+    els.bannerText.textContent = "Connecting…";
+  }
+  els.retry.hidden = state !== "reconnecting";
+}

@@ -9,8 +9,9 @@
 
 import { connect, messageText, newId } from "./turnline.js";
 import { codePointPrefix, Microphone, spokenText, VoiceLink, VoicePlayer } from "./turnline-voice.js";
-import { browserUser, escapeHtml, messageSig, reconcile, sessionFromHash, showToast, storage, tokenOptions, truncate }
-  from "./ui.js";
+import {
+  browserUser, escapeHtml, messageSig, reconcile, renderBanner, sessionFromHash, showToast, storage, tokenOptions, truncate,
+} from "./ui.js";
 
 const $ = (sel) => document.querySelector(sel);
 const els = {
@@ -341,34 +342,10 @@ function renderHeader() {
 }
 
 function renderConnection() {
-  const state = conn.state;
-  const banner = els.banner;
-  if (state === "connected") {
-    if (ui.wasReconnecting) {
-      ui.wasReconnecting = false;
-      banner.dataset.state = "recovered";
-      els.bannerText.textContent = voice.live ? "Back online — voice restarted." : "Back online.";
-      banner.hidden = false;
-      clearTimeout(ui.bannerTimer);
-      ui.bannerTimer = setTimeout(() => { if (conn.state === "connected") banner.hidden = true; }, 2500);
-    } else if (banner.dataset.state !== "recovered") {
-      banner.hidden = true;
-    }
-    return;
-  }
-  clearTimeout(ui.bannerTimer);
-  banner.hidden = false;
-  banner.dataset.state = state;
-  if (state === "reconnecting") {
-    ui.wasReconnecting = true;
-    const why = ui.tokenProblem ?? (navigator.onLine === false ? "You're offline." : "Connection lost.");
-    els.bannerText.textContent = `${why} Reconnecting… the assistant stopped speaking; what you heard is kept.`;
-  } else if (state === "closed") {
-    els.bannerText.textContent = conn.error ? `Disconnected: ${conn.error.message}` : "Disconnected.";
-  } else {
-    els.bannerText.textContent = "Connecting…";
-  }
-  els.retry.hidden = state !== "reconnecting";
+  renderBanner(conn, els, ui, {
+    recovered: () => (voice.live ? "Back online — voice restarted." : "Back online."),
+    reconnecting: (why) => `${why} Reconnecting… the assistant stopped speaking; what you heard is kept.`,
+  });
 }
 
 function renderTranscript() {
