@@ -172,7 +172,7 @@ class TurnSpeech:
         self.pending: collections.deque[Any] = collections.deque()  # clauses to synthesise
         self.synthesizing = False
         self.map = PlayoutMap(FRAME_MS)
-        self.ended = False  # its turn-end was seen
+        self.ended = asyncio.Event()  # its turn-end was seen (by this session's follower)
         self.status = "waiting"  # waiting | speaking | paused | interrupted | done
         self.sent = 0  # frames sent
         self.acked_ms = 0
@@ -200,7 +200,7 @@ class TurnSpeech:
             if part.get("type") != "text":
                 continue
             texts.append(part.get("text", ""))
-            if part.get("state") != "done" and not self.ended:
+            if part.get("state") != "done" and not self.ended.is_set():
                 break
         return "\n".join(texts)
 
@@ -630,7 +630,7 @@ class VoiceSession:
             self._active_turns.discard(ev.turn_id)
             if ts is None:
                 return
-            ts.ended = True
+            ts.ended.set()
             if ts.active:
                 self._feed(ts)
                 if not ts.map.frames and not ts.pending and not ts.synthesizing:
@@ -652,14 +652,14 @@ class VoiceSession:
         text = ts.available_text()
         clauses = ts.splitter.feed(text[ts.fed:]) if len(text) > ts.fed else []
         ts.fed = max(ts.fed, len(text))
-        if ts.ended:
+        if ts.ended.is_set():
             clauses += ts.splitter.flush()
         ts.pending.extend(c for c in clauses if c.speakable)
         self._finish_audio_if_complete(ts)
         self._synth_wake.set()
 
     def _finish_audio_if_complete(self, ts: TurnSpeech) -> None:
-        if ts.ended and not ts.pending and not ts.synthesizing and not ts.map.finished:
+        if ts.ended.is_set() and not ts.pending and not ts.synthesizing and not ts.map.finished:
             ts.map.finish()
             self._poke()
 
@@ -770,31 +770,21 @@ class VoiceSession:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(deadline):
                         await ts.acked.wait()
-            await self._turn_ended(ts.turn_id)
+            await self._turn_ended(ts)
             await self._revise(ts)
         finally:
             ts.settled.set()
 
-    async def _turn_ended(self, turn_id: str) -> None:
+    async def _turn_ended(self, ts: TurnSpeech) -> None:
         while True:
-            hub = await self.runtime.hub(self.session_id)
-            if not hub.state.is_active(turn_id):
+            hub = await self.runtime.hub(self.session_id)  # (a gateway's replica is refreshed)
+            if not hub.state.is_active(ts.turn_id):
                 return
-            turn = hub.turns.get(turn_id)
+            turn = hub.turns.get(ts.turn_id)
             if turn is not None:
                 await turn.ended.wait()
-            else:  # it runs elsewhere (a gateway's hub: on a worker): its turn-end comes through the log
-                await self._turn_end_logged(turn_id, hub.state.last_seq)
-
-    async def _turn_end_logged(self, turn_id: str, after: int) -> None:
-        async for batch in self.runtime.store.follow(self.session_id, after):
-            for record in batch:
-                if b'"turn-end"' not in record.data:
-                    continue
-                with contextlib.suppress(msgspec.DecodeError):
-                    ev = record.event()
-                    if isinstance(ev, TurnEnd) and ev.turn_id == turn_id:
-                        return
+            else:  # it runs elsewhere (a gateway's hub: on a worker): this session's follower sees its end
+                await ts.ended.wait()
 
     async def _revise(self, ts: TurnSpeech) -> None:
         hub = self.runtime.loaded(self.session_id)
