@@ -47,13 +47,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(directory: str, *, daemonize: bool = False) -> tuple[int, subprocess.Popen[bytes] | None]:
-    """Start ``redis-server`` on a free loopback port; returns (port, process or None when daemonized)."""
+def start_server(directory: str, *, daemonize: bool = False,
+                 port: int | None = None) -> tuple[int, subprocess.Popen[bytes] | None]:
+    """Start ``redis-server`` on ``port`` (default: a free loopback port); returns (port, process or None when daemonized)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed and no Redis answers on 127.0.0.1:6379: "
                            "run scripts/ensure-system-deps (make test does)")
-    port = _free_port()
+    port = port or _free_port()
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", directory]
     if daemonize:

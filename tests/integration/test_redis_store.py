@@ -17,6 +17,7 @@ releases it); every wait is bounded; nothing sleeps and hopes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from typing import Any, AsyncIterator, Callable
 
@@ -33,7 +34,7 @@ from turnline.store.base import Record
 from turnline.store.redis import Fenced, RedisEventLog, StoreConflict
 from turnline.store import StoreError
 
-from redis_server import start_server
+from redis_server import _free_port, start_server
 from test_client import Pacer, caught_up, clients, http_messages, new_session, text_of, words  # noqa: F401
 
 WAIT = 10.0
@@ -635,3 +636,36 @@ async def test_a_new_server_resumes_a_compacted_session(serve, clients, redis_ur
     await resumed.wait_turn_end(second, WAIT)
     assert resumed.view.messages() == late.view.messages()
     assert await http_messages(srv2, sid, srv2.token("alice")) == late.view.messages()
+
+
+async def test_open_waits_for_a_redis_that_starts_after_it(caplog: pytest.LogCaptureFixture) -> None:
+    # Processes started together (a Procfile) may start before Redis listens.
+    port = _free_port()
+    store = RedisEventLog(f"redis://127.0.0.1:{port}", open_wait_s=60)
+    caplog.set_level(logging.WARNING, "turnline.store.redis")
+    opening = asyncio.ensure_future(store.open())
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = None
+        try:
+            async with asyncio.timeout(30):
+                while not any("does not answer yet" in r.getMessage() for r in caplog.records):
+                    assert not opening.done(), opening.exception()  # it gave up instead of waiting
+                    await asyncio.sleep(0.01)
+                _, proc = await asyncio.to_thread(start_server, tmp, port=port)
+                await opening
+                (record,) = await store.append("late", [ev("a")])
+                assert record.seq == 1
+                await store.close()
+        finally:
+            opening.cancel()
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+
+
+async def test_open_gives_up_after_open_wait_s() -> None:
+    store = RedisEventLog(f"redis://127.0.0.1:{_free_port()}?open_wait_s=0.2")
+    async with asyncio.timeout(10):
+        with pytest.raises(StoreError, match="cannot reach Redis"):
+            await store.open()
+

@@ -93,7 +93,9 @@ from .base import EventLog, LiveFeed, Record, StoreError, _Listener, stamp
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise StoreError("the Redis store needs the redis package: pip install 'turnline[redis]'") from exc
 
@@ -144,7 +146,7 @@ return out
 
 # Our own query parameters in a redis:// URL (the rest go to redis-py).
 _URL_OPTIONS = {"prefix": str, "retention_s": float, "wait_replicas": int, "wait_timeout_ms": int,
-                "compact_every_s": float}
+                "compact_every_s": float, "open_wait_s": float}
 
 
 def _pack(args: Sequence[bytes | str | int]) -> bytes:
@@ -269,7 +271,9 @@ class RedisEventLog(EventLog):
     keep everything). ``wait_replicas``: after each write round, ``WAIT`` for
     that many replicas (``wait_timeout_ms``) before acknowledging; fewer
     confirmations fail the appends with :class:`StoreError` (the events are on
-    the primary; they were not acknowledged). ``sweep_ms``: how often the
+    the primary; they were not acknowledged). ``open_wait_s``: how long
+    ``open`` keeps trying to reach Redis (processes started together, as from a
+    Procfile, may start before Redis listens). ``sweep_ms``: how often the
     reader also reads every followed stream, news or not (a safety net; news
     lost with a dropped connection is made good at once, by reading them all).
     ``max_connections``
@@ -281,7 +285,7 @@ class RedisEventLog(EventLog):
     def __init__(self, url: str, *, prefix: str = "tl", retention_s: float | None = 3600,
                  wait_replicas: int = 0, wait_timeout_ms: int = 1000, compact_every_s: float | None = None,
                  batch_max: int = 2048, sweep_ms: int = 5000, max_connections: int = 64,
-                 **options: Any) -> None:
+                 open_wait_s: float = 10.0, **options: Any) -> None:
         super().__init__()
         self.feed = _RedisFeed(self._on_followers_changed)
         url, from_url = _split_url(url)
@@ -290,6 +294,7 @@ class RedisEventLog(EventLog):
         wait_replicas = from_url.pop("wait_replicas", wait_replicas)
         wait_timeout_ms = from_url.pop("wait_timeout_ms", wait_timeout_ms)
         compact_every_s = from_url.pop("compact_every_s", compact_every_s)
+        self.open_wait_s = from_url.pop("open_wait_s", open_wait_s)
         if not prefix or "{" in prefix or "}" in prefix:
             raise StoreError(f"bad key prefix {prefix!r}")
         if retention_s is not None and retention_s < 0:
@@ -370,11 +375,21 @@ class RedisEventLog(EventLog):
         if self._loop is not None:
             raise StoreError("RedisEventLog.open() was already called (a closed log is not reopened: make a new one)")
         self._redis = self._client()
-        try:
-            self._sha = await self._redis.script_load(_APPEND_LUA)
-        except RedisError as exc:
-            await self._redis.aclose()
-            raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
+        deadline = time.monotonic() + self.open_wait_s
+        delay = 0.05
+        while True:
+            try:
+                self._sha = await self._redis.script_load(_APPEND_LUA)
+                break
+            except RedisError as exc:
+                unreachable = isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and not isinstance(
+                    exc, AuthenticationError)
+                if not unreachable or time.monotonic() + delay > deadline:
+                    await self._redis.aclose()
+                    raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
+                log.warning("Redis at %s does not answer yet (%s); trying again", self.url, exc)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
         self._writer_conn = self._client(single_connection_client=True)
         self._reader_conn = self._client(single_connection_client=True, client_name=self.reader_name)
         # RESP2: pub/sub messages are plain arrays, parsed here in bulk.
