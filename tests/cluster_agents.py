@@ -9,6 +9,8 @@ the one thing every process shares, with keys under ``TURNLINE_TEST_PREFIX``:
   (written by on_abort, so before the turn-end).
 
 A prompt starting with ``quick`` is answered at once (``quick answer``).
+With ``TURNLINE_TEST_REDIS_CLUSTER=1`` the URL is a node of a Redis Cluster
+(every key above is used alone, so each call goes to one node).
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ import os
 from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from turnline import Agent
 
-_client: aioredis.Redis | None = None
+_client: Any = None
 
 
-def _redis() -> tuple[aioredis.Redis, str]:
+async def _redis() -> tuple[Any, str]:
     global _client
     if _client is None:
-        _client = aioredis.Redis.from_url(os.environ["TURNLINE_TEST_REDIS"])
+        url = os.environ["TURNLINE_TEST_REDIS"]
+        _client = RedisCluster.from_url(url) if os.environ.get("TURNLINE_TEST_REDIS_CLUSTER") else \
+            aioredis.Redis.from_url(url)
+    if isinstance(_client, RedisCluster):
+        await _client.initialize()  # (before the first commands: until then redis-py routes them to one node)
     return _client, os.environ["TURNLINE_TEST_PREFIX"]
 
 
@@ -35,7 +42,7 @@ def _prompt(turn: Any) -> str:
 
 
 async def _gated(turn: Any) -> AsyncIterator[str]:
-    r, prefix = _redis()
+    r, prefix = await _redis()
     await r.rpush(f"{prefix}:ran:{turn.turn_id}", os.getpid())
     if _prompt(turn).startswith("quick"):
         yield "quick answer"
@@ -54,7 +61,7 @@ async def _gated(turn: Any) -> AsyncIterator[str]:
 async def _aborted(_write: Any, turn: Any) -> None:
     # on_abort runs before the turn-end is appended: a client that sees the
     # turn-end finds this record.
-    r, prefix = _redis()
+    r, prefix = await _redis()
     await r.rpush(f"{prefix}:aborted:{turn.turn_id}", f"{os.getpid()} {turn.abort_signal.reason}")
 
 

@@ -41,6 +41,15 @@ def redis_url() -> Any:
         yield url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Any:
+    """The URL of one node of a throwaway Redis Cluster (three primaries) for the whole run."""
+    from redis_server import redis_cluster_for_tests
+
+    with redis_cluster_for_tests() as url:
+        yield url
+
+
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Any:
     """A random key prefix for this test; its keys are deleted afterwards."""

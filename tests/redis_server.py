@@ -2,7 +2,9 @@
 
 ``redis_for_tests()`` yields a URL: ``redis://127.0.0.1:6379`` when a server
 answers PING there, otherwise a throwaway ``redis-server`` started on a free
-port (nothing saved to disk) and stopped afterwards. ``scratch_prefix(url)``
+port (nothing saved to disk) and stopped afterwards. ``redis_cluster_for_tests()``
+yields the URL of one node of a throwaway Redis Cluster of three primaries
+(always started here: the local server is not a cluster). ``scratch_prefix(url)``
 yields a random key prefix and deletes its keys afterwards, so tests share a
 server without seeing each other (never FLUSHALL: others use it too).
 
@@ -47,8 +49,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(directory: str, *, daemonize: bool = False,
-                 port: int | None = None) -> tuple[int, subprocess.Popen[bytes] | None]:
+def start_server(directory: str, *, daemonize: bool = False, port: int | None = None,
+                 extra: list[str] | None = None) -> tuple[int, subprocess.Popen[bytes] | None]:
     """Start ``redis-server`` on ``port`` (default: a free loopback port); returns (port, process or None when daemonized)."""
     exe = shutil.which("redis-server")
     if exe is None:
@@ -56,7 +58,7 @@ def start_server(directory: str, *, daemonize: bool = False,
                            "run scripts/ensure-system-deps (make test does)")
     port = port or _free_port()
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", directory]
+           "--dir", directory, *(extra or ())]
     if daemonize:
         cmd += ["--daemonize", "yes", "--pidfile", os.path.join(directory, "redis.pid"),
                 "--logfile", os.path.join(directory, "redis.log")]
@@ -94,6 +96,72 @@ def redis_for_tests() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _command(port: int, *args: str) -> bytes:
+    """One command on a fresh connection; the raw RESP reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args]))
+        reply = s.recv(1 << 16)
+    if reply.startswith(b"-"):
+        raise RuntimeError(f"redis {args[0]} on port {port}: {reply.decode().strip()}")
+    return reply
+
+
+def start_cluster(directory: str, primaries: int = 3) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
+    """Start a Redis Cluster of ``primaries`` nodes on free ports, the 16,384
+    slots split evenly, and wait until every node reports ``cluster_state:ok``."""
+    ports: list[int] = []
+    bus_ports: list[int] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(primaries):
+            node_dir = os.path.join(directory, f"node{i}")
+            os.makedirs(node_dir)
+            # The bus port is given: port + 10,000 (the default) may not exist.
+            bus_ports.append(_free_port())
+            port, proc = start_server(node_dir, extra=["--cluster-enabled", "yes", "--cluster-config-file",
+                                                        "nodes.conf", "--cluster-node-timeout", "2000",
+                                                        "--cluster-port", str(bus_ports[-1])])
+            assert proc is not None
+            ports.append(port)
+            procs.append(proc)
+        for i, port in enumerate(ports):
+            first, last = 16384 * i // primaries, 16384 * (i + 1) // primaries - 1
+            _command(port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+        for port in ports[1:]:
+            _command(port, "CLUSTER", "MEET", "127.0.0.1", str(ports[0]), str(bus_ports[0]))
+        deadline = time.monotonic() + START_TIMEOUT_S * 3
+        while not all(b"cluster_state:ok" in _command(p, "CLUSTER", "INFO")
+                      and _command(p, "CLUSTER", "INFO").count(b"cluster_known_nodes:%d" % primaries)
+                      for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not come up")
+            time.sleep(0.05)
+        return ports, procs
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+@contextlib.contextmanager
+def redis_cluster_for_tests(primaries: int = 3) -> Iterator[str]:
+    """A throwaway Redis Cluster for the duration; yields the URL of its first node."""
+    with tempfile.TemporaryDirectory(prefix="turnline-redis-cluster-") as tmp:
+        ports, procs = start_cluster(tmp, primaries)
+        try:
+            yield f"redis://127.0.0.1:{ports[0]}"
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @contextlib.contextmanager

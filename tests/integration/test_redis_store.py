@@ -269,7 +269,8 @@ async def test_a_session_is_read_from_its_last_seq_only_once_its_news_is_subscri
     mget = gateway._redis.mget
 
     async def watched_mget(keys: Any) -> Any:
-        unconfirmed_at_mget.append(key in gateway._acked or key in gateway._unacked)
+        news = gateway._links[""]
+        unconfirmed_at_mget.append(key in news.acked or key in news.unacked)
         return await mget(keys)
 
     gateway._redis.mget = watched_mget
@@ -290,7 +291,8 @@ async def test_a_write_whose_news_was_lost_with_the_connection_still_reaches_the
     follower = gateway.follow("s", after=0)
     nxt = asyncio.ensure_future(anext(follower))
     reconnecting, release = asyncio.Event(), asyncio.Event()
-    initialize = gateway._news_conn.initialize
+    news_client = gateway._links[""].client
+    initialize = news_client.initialize
 
     async def held_initialize() -> None:  # the news connection's reconnect waits for the test
         reconnecting.set()
@@ -300,7 +302,7 @@ async def test_a_write_whose_news_was_lost_with_the_connection_still_reaches_the
     try:
         async with asyncio.timeout(WAIT):
             await gateway.feed_synced("s")
-        gateway._news_conn.initialize = held_initialize
+        news_client.initialize = held_initialize
         (news,) = [c for c in await raw.client_list() if c.get("name") == gateway.news_name]
         await raw.client_kill_filter(_id=news["id"])
         async with asyncio.timeout(WAIT):

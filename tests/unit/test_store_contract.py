@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from typing import AsyncIterator, Callable
 
 import pytest
@@ -43,16 +44,20 @@ def seqs(records: list[Record]) -> list[int]:
     return [r.seq for r in records]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 async def store(request, tmp_path) -> AsyncIterator[EventLog]:
     log: EventLog
     if request.param == "memory":
         log = MemoryEventLog()
     elif request.param == "sqlite":
         log = SQLiteEventLog(str(tmp_path / "log.db"))
-    else:
+    elif request.param == "redis":
         log = RedisEventLog(request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix"))
+    else:  # a throwaway cluster of three primaries, used by this run only: no prefix to clean
+        log = RedisEventLog(request.getfixturevalue("redis_cluster_url"), prefix=f"t{uuid.uuid4().hex[:12]}")
     await log.open()
+    if request.param == "redis-cluster":
+        assert log.cluster
     try:
         yield log
     finally:

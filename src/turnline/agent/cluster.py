@@ -31,6 +31,8 @@ already ran is answered from the log with its outcome instead of running twice.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -42,8 +44,9 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.session import Session
@@ -60,6 +63,9 @@ STREAM_MAXLEN = 100_000
 REPLY_TTL_MS = 300_000
 MAX_HOPS = 2
 RECENT_REPLIES = 4096
+BUS_CONNECTIONS = 128  # commands a Bus (a gateway's, a worker's) has in flight at once; more wait
+# What the reading loops wait out and retry (the last three: a cluster mid-failover).
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
 
 
 @dataclass
@@ -137,23 +143,95 @@ return 0
 """
 
 
+_holds_permit: contextvars.ContextVar[bool] = contextvars.ContextVar("turnline_bus_permit", default=False)
+
+
+class _WaitingCluster(RedisCluster):
+    """A cluster client whose bursts wait instead of failing. RedisCluster has
+    no blocking pool: a node's pool at its ``max_connections`` raises
+    MaxConnectionsError. Here every command and every pipeline first takes one
+    of ``permits``, and while it holds it uses at most one connection per node
+    at a time, so no node's pool runs out."""
+
+    def __init__(self, *args: Any, permits: int, **kwargs: Any) -> None:
+        # (the margin: the client's own topology refreshes run outside any permit)
+        super().__init__(*args, max_connections=permits + 8, **kwargs)
+        self._permits = asyncio.Semaphore(permits)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if _holds_permit.get():  # a command a pipeline resends after a redirect: the pipeline holds the permit
+            return await super().execute_command(*args, **kwargs)
+        if self._initialize:
+            # Commands made before the client knows the slots are routed by
+            # redis-py to one node, not by key: the MOVED replies that follow
+            # make it reset its connections, failing the other commands in flight.
+            await self.initialize()
+        async with self._permits:
+            held = _holds_permit.set(True)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            finally:
+                _holds_permit.reset(held)
+
+    def pipeline(self, transaction: Any = None) -> ClusterPipeline:  # type: ignore[override]
+        return _WaitingPipeline(self, transaction)
+
+
+class _WaitingPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self.cluster_client._permits:  # type: ignore[attr-defined]
+            held = _holds_permit.set(True)
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            finally:
+                _holds_permit.reset(held)
+
+
 class Bus:
     """The Redis keys and calls gateways and workers share. ``store`` is the
-    :class:`~turnline.store.redis.RedisEventLog` whose lease keys fence appends."""
+    :class:`~turnline.store.redis.RedisEventLog` whose lease keys fence appends.
+    Every key a call names is one key (or one session's hash-tagged keys), so
+    each call goes to one node of a Redis Cluster."""
 
     def __init__(self, store: Any, url: str | None = None):
         self.store = store
         self.prefix: str = store.prefix
-        # A burst of commands waits for a connection rather than failing with
-        # MaxConnectionsError (redis-py's default pool raises at its limit).
-        pool = aioredis.BlockingConnectionPool.from_url(url or store.url, max_connections=128, timeout=None)
-        self.redis: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
+        self.url: str = url or store.url
         self.dispatch = f"{self.prefix}:dispatch"
         self.owned = f"{self.prefix}:owned"
-        # Compare-and-PEXPIRE, compare-and-DEL of a key holding a token (a
-        # lease, a voice claim): only while it still holds this holder's token.
-        self.renew_if_held = self.redis.register_script(_RENEW)
-        self.release_if_held = self.redis.register_script(_RELEASE)
+
+    @functools.cached_property
+    def redis(self) -> Any:
+        """The client (``aioredis.Redis``, or a ``RedisCluster`` when the store
+        found a cluster), made at first use: a gateway makes its Bus before its
+        store is opened, so before ``store.cluster`` is known."""
+        if self.store.cluster:
+            return _WaitingCluster.from_url(self.url, permits=BUS_CONNECTIONS)
+        # A burst of commands waits for a connection rather than failing with
+        # MaxConnectionsError (redis-py's default pool raises at its limit).
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=BUS_CONNECTIONS, timeout=None)
+        return aioredis.Redis.from_pool(pool)  # closes the pool with it
+
+    # Compare-and-PEXPIRE, compare-and-DEL of a key holding a token (a lease, a
+    # voice claim): only while it still holds this holder's token.
+
+    @functools.cached_property
+    def renew_if_held(self) -> Any:
+        return self.redis.register_script(_RENEW)
+
+    @functools.cached_property
+    def release_if_held(self) -> Any:
+        return self.redis.register_script(_RELEASE)
+
+    async def renew_in(self, pipe: Any, key: str, token: str, ttl_ms: int) -> None:
+        """Queue ``renew_if_held`` of ``key`` on ``pipe``. A cluster pipeline
+        refuses EVALSHA (nor would it load the script on a node that lacks
+        it, as a fresh or failed-over one does): there the script's text goes
+        along (EVAL)."""
+        if self.store.cluster:
+            pipe.eval(_RENEW, 1, key, token, ttl_ms)
+        else:
+            await self.renew_if_held(keys=[key], args=[token, ttl_ms], client=pipe)
 
     def lease_key(self, session: str) -> str:
         return self.store.key(session, "lease")
@@ -165,7 +243,8 @@ class Bus:
         return f"{self.prefix}:reply:{gateway}"
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        if "redis" in self.__dict__:  # (made at first use)
+            await self.redis.aclose()
 
     async def owner(self, session: str) -> str | None:
         """The id of the worker holding the session's lease, if any."""
@@ -196,7 +275,7 @@ class Bus:
             _reraise_cancel()
             try:
                 got = await self.redis.xread({key: last}, count=512, block=BLOCK_MS)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except TRANSIENT as exc:
                 _reraise_cancel()
                 log.warning("reading %s: %s; retrying", key, exc)
                 await asyncio.sleep(0.1)
@@ -435,15 +514,15 @@ class ClusterWorker:
             try:
                 got = await redis.xreadgroup(GROUP, self.id, {self.bus.dispatch: ">"}, count=min(free, 64),
                                              block=BLOCK_MS)
+            except TRANSIENT as exc:
+                _reraise_cancel()
+                log.warning("reading the dispatch stream: %s; retrying", exc)
+                await asyncio.sleep(0.1)
+                continue
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await redis.xgroup_create(self.bus.dispatch, GROUP, id="0", mkstream=True)
-                continue
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                _reraise_cancel()
-                log.warning("reading the dispatch stream: %s; retrying", exc)
-                await asyncio.sleep(0.1)
                 continue
             for _key, entries in got or ():
                 self._take(entries)
@@ -639,8 +718,7 @@ class ClusterWorker:
         deadline = now_ms() + self.config.lease_ms
         async with self.bus.redis.pipeline(transaction=False) as pipe:
             for session, owned in items:
-                await self.bus.renew_if_held(keys=[self.bus.lease_key(session)],
-                                              args=[owned.token, self.config.lease_ms], client=pipe)
+                await self.bus.renew_in(pipe, self.bus.lease_key(session), owned.token, self.config.lease_ms)
             results = await pipe.execute()
         kept: dict[str, int] = {}
         now = time.monotonic()

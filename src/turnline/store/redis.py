@@ -57,12 +57,21 @@ when they continue what the feed delivered (less latency; the reader then
 skips them by seq). Records are passed on as the bytes Redis returned; nothing
 is decoded.
 
-Redis Cluster: one script call and one ``XREAD`` may only name keys of one
-slot. On a cluster the writer's round must be split into one call per slot, the
-reader must run one ``XREAD`` per node (keys grouped by ``CLUSTER KEYSLOT``), and
-the news should move to sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``). Every key is declared (``KEYS``) and hash-tagged
-for that, but only a single Redis node (or a primary with replicas) is
-implemented and tested.
+Redis Cluster. ``open`` asks the server (``INFO cluster``); on a cluster the
+store reads the slot map (``CLUSTER SLOTS``) and keeps, per primary, a writer
+and a reader connection and a news connection. A writer round sends one script
+call per slot (a call may only name keys of one slot), pipelined per node, the
+nodes in parallel; the reader sends one ``XREAD`` per stream, likewise; news
+is sharded pub/sub (the script ``SPUBLISH``es, the reader ``SSUBSCRIBE``s on the
+node that owns the stream's slot), so a write is announced on its own node only.
+A ``MOVED`` reply (the slot moved) refreshes the slot map and the call is sent
+again; an ``ASK`` (the slot is moving) sends it to the importing node after
+``ASKING``; ``TRYAGAIN`` and ``CLUSTERDOWN`` are retried after a short pause. A
+script call that was redirected did not run, so a retry never writes twice.
+When a slot moves, Redis unsubscribes its shard channels; the reader then
+subscribes on the new owner and, once that is confirmed, reads the stream
+(nothing written in between is missed). ``read``, ``last_seq`` and compaction
+go through redis-py's ``RedisCluster``.
 
 Retention. ``compact`` deletes (``XDEL``) the ``chunk`` events of turns that
 ended more than ``retention_s`` ago; their ``turn-end`` holds the folded
@@ -72,13 +81,14 @@ instance runs compaction every ``compact_every_s`` (at most one instance per
 interval does the work, by a ``SET NX PX`` lock).
 
 Durability: see docs/deploy.md, "Redis durability" (AOF fsync policy, replicas
-and ``wait_replicas``). Needs Redis ≥ 6.2 (exclusive stream ranges).
+and ``wait_replicas``). Needs Redis ≥ 6.2 (exclusive stream ranges); a cluster, ≥ 7.0 (sharded pub/sub).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -93,7 +103,10 @@ from .base import EventLog, LiveFeed, Record, StoreError, _Listener, stamp
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+    from redis.asyncio.cluster import RedisCluster
+    from redis.crc import key_slot
+    from redis.exceptions import AskError, AuthenticationError, ClusterDownError, MasterDownError, MovedError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -103,7 +116,8 @@ log = logging.getLogger("turnline.store.redis")
 
 READ_CHUNK = 1000  # entries per XRANGE
 XREAD_COUNT = 1000  # entries per stream per XREAD
-CONFLICT_RETRIES = 100
+CONFLICT_RETRIES = 100  # also bounds how often one append is redirected (cluster)
+REDIRECT_PAUSE_S = 0.05  # before retrying a call a cluster answered TRYAGAIN or CLUSTERDOWN
 REGISTERED_MAX = 100_000  # sessions remembered as being in the sessions set
 _tuple_new = tuple.__new__
 
@@ -143,6 +157,8 @@ for k = 1, #KEYS, 4 do
 end
 return out
 """
+# On a cluster the news is sharded: announced on the node that owns the stream.
+_APPEND_LUA_SHARDED = _APPEND_LUA.replace("'PUBLISH'", "'SPUBLISH'")
 
 # Our own query parameters in a redis:// URL (the rest go to redis-py).
 _URL_OPTIONS = {"prefix": str, "retention_s": float, "wait_replicas": int, "wait_timeout_ms": int,
@@ -194,7 +210,7 @@ _head_decoder = msgspec.json.Decoder(_Head)
 
 
 class _Append:
-    __slots__ = ("order", "session", "events", "fence", "numbered", "future", "records", "retries")
+    __slots__ = ("order", "session", "events", "fence", "numbered", "future", "records", "retries", "ask")
 
     def __init__(self, order: int, session: str, events: list[AnyEvent], fence: str | None,
                  future: asyncio.Future[list[Record]]):
@@ -206,12 +222,13 @@ class _Append:
         self.future = future
         self.records: list[Record] = []
         self.retries = 0
+        self.ask: str | None = None  # (cluster) the node an ASK redirected this append to
 
 
 class _Group:
     """One session's appends in one writer round (written all or nothing)."""
 
-    __slots__ = ("session", "items", "fence", "numbered", "records")
+    __slots__ = ("session", "items", "fence", "numbered", "records", "ask")
 
     def __init__(self, item: _Append):
         self.session = item.session
@@ -219,14 +236,187 @@ class _Group:
         self.fence = item.fence
         self.numbered = item.numbered
         self.records: list[Record] = []
+        self.ask = item.ask
 
     def accepts(self, item: _Append) -> bool:
-        if item.fence != self.fence or item.numbered != self.numbered:
+        if item.fence != self.fence or item.numbered != self.numbered or item.ask != self.ask:
             return False
         if self.numbered:
             last = self.items[-1].events
             return item.events[0].seq == last[-1].seq + 1
         return True
+
+
+class _Call:
+    """One script call of a writer round: groups whose keys share a slot (on a
+    single Redis, every group of the round)."""
+
+    __slots__ = ("groups", "asking")
+
+    def __init__(self, asking: bool):
+        self.groups: list[_Group] = []
+        self.asking = asking  # sent after ASKING: the slot is being imported by this node
+
+
+class _Node:
+    """One Redis primary (the single Redis, or one of a cluster's): the
+    writer's and the reader's connections, each used by one task only."""
+
+    __slots__ = ("addr", "writer", "reader")
+
+    def __init__(self, addr: str, writer: Any, reader: Any):
+        self.addr = addr
+        self.writer = writer
+        self.reader = reader
+
+    async def close(self) -> None:
+        await self.reader.aclose()
+        await self.writer.aclose()
+
+
+class _NewsLink:
+    """One pub/sub connection: to the single Redis, or to one cluster primary
+    (sharded: a stream's news is announced on the node that owns its slot).
+    Each message names a stream that was written; confirmations of
+    (S)SUBSCRIBE release the reader, which waits for them before it reads a
+    stream it starts to follow."""
+
+    def __init__(self, store: RedisEventLog, addr: str, client: Any, sharded: bool):
+        self.store = store
+        self.addr = addr
+        self.client = client
+        self.sharded = sharded
+        self.channels: set[bytes] = set()
+        self.up = False  # SUBSCRIBEs go to the connection (else its reconnect sends them)
+        self.unacked: dict[bytes, int] = {}  # channel -> SUBSCRIBEs sent and not yet confirmed
+        self.acked: dict[bytes, asyncio.Future[None]] = {}
+        self.task = asyncio.ensure_future(self._run())
+
+    def _commands(self, verb: str, channels: list[bytes]) -> bytes:
+        if self.sharded:  # one SSUBSCRIBE may only name channels of one slot
+            return b"".join(_pack(("S" + verb, c)) for c in channels)
+        return _pack((verb, *channels))
+
+    async def subscribe(self, channels: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        for c in channels:
+            self.channels.add(c)
+            self.unacked[c] = self.unacked.get(c, 0) + 1
+            if c not in self.acked:
+                self.acked[c] = loop.create_future()
+        if self.up:
+            await self.client.connection.send_packed_command(self._commands("SUBSCRIBE", channels),
+                                                             check_health=False)
+
+    async def unsubscribe(self, channels: list[bytes]) -> None:
+        self.channels.difference_update(channels)
+        if self.up:
+            await self.client.connection.send_packed_command(self._commands("UNSUBSCRIBE", channels),
+                                                             check_health=False)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _run(self) -> None:
+        import hiredis
+
+        store = self.store
+        backoff = 0.05
+        while not store._closing:
+            try:
+                await self.client.initialize()
+                conn = self.client.connection
+                await conn.connect()  # (again, after a drop)
+                # From here SUBSCRIBEs go to this connection; the channels named
+                # before are subscribed to here (pending confirmations then wait for this one).
+                self.up = True
+                channels = list(self.channels)
+                self.unacked = dict.fromkeys(channels, 1)
+                if channels:
+                    await conn.send_packed_command(self._commands("SUBSCRIBE", channels), check_health=False)
+                # Whatever was written while we were not listening is read now.
+                store._news.update(s for c in channels if (s := store._key_sessions.get(c)) in store._cursor)
+                store._stirred.set()
+                parser = hiredis.Reader()
+                stream = conn._reader  # redis-py's asyncio.StreamReader: replies are parsed here in bulk
+                backoff = 0.05
+                while True:
+                    data = await stream.read(1 << 16)
+                    if not data:
+                        raise ConnectionError("the news connection was closed")
+                    parser.feed(data)
+                    self._on_news(parser)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if store._closing:
+                    return
+                self.up = False
+                log.warning("stream news (%s): %r; reconnecting", self.addr or store.url, exc)
+                with contextlib.suppress(Exception):
+                    await self.client.connection.disconnect()
+                if store.cluster:
+                    store._topology_stale = True  # the node may be gone: the reader looks again
+                    store._stirred.set()
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+
+    def _on_news(self, parser: Any) -> None:
+        store = self.store
+        sessions = store._key_sessions
+        cursor = store._cursor
+        news = store._news
+        while (msg := parser.gets()) is not False:
+            if isinstance(msg, Exception):  # an SSUBSCRIBE refused (MOVED): our slot map is stale
+                self._refused(msg)
+                continue
+            kind = msg[0]
+            if kind == b"message" or kind == b"smessage":
+                session = sessions.get(msg[1])
+                if session is not None and int(msg[2]) > cursor.get(session, -1):
+                    news.add(session)
+            elif kind == b"subscribe" or kind == b"ssubscribe":
+                channel = msg[1]
+                left = self.unacked.get(channel, 0) - 1
+                if left <= 0:
+                    self.unacked.pop(channel, None)
+                    fut = self.acked.pop(channel, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                else:
+                    self.unacked[channel] = left
+            elif kind == b"sunsubscribe" and msg[1] in self.channels:
+                # Not ours: the slot moved to another node. (A late reply to
+                # our own SUNSUBSCRIBE of a channel followed again meanwhile
+                # lands here too; moving it to where it already is is harmless.)
+                self.channels.discard(msg[1])
+                session = sessions.get(msg[1])
+                if session is not None:
+                    store._rehome.add(session)
+                    store._topology_stale = True
+                    store._followers_changed = True
+        if news or store._followers_changed:
+            store._stirred.set()
+
+    def _refused(self, error: Exception) -> None:
+        """The reply does not say which channel was refused: every one not yet
+        confirmed is dropped, and the reader subscribes to them again once it
+        has read the slot map anew."""
+        log.info("news subscription refused by %s: %s", self.addr, error)
+        store = self.store
+        for channel in list(self.unacked):
+            self.channels.discard(channel)
+            if (session := store._key_sessions.get(channel)) is not None:
+                store._rehome.add(session)
+            fut = self.acked.pop(channel, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(StoreError(f"news subscription refused: {error}"))
+                fut.exception()  # (retrieved: its waiter may be gone)
+        self.unacked.clear()
+        store._topology_stale = True
+        store._followers_changed = True
 
 
 class _RedisFeed(LiveFeed):
@@ -317,13 +507,20 @@ class RedisEventLog(EventLog):
         self.reader_name = f"turnline-reader-{self.instance}"
         self.news_name = f"turnline-news-{self.instance}"
 
-        self._redis: Any = None
-        self._writer_conn: Any = None
-        self._reader_conn: Any = None
-        self._news_conn: Any = None
+        self.cluster = False  # set by open(): the Redis at the URL is a cluster node
+        self._redis: Any = None  # redis-py's client: Redis, or RedisCluster on a cluster
+        self._script = _APPEND_LUA
         self._sha = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        # nodes: one ("") on a single Redis, one per primary ("host:port") on a cluster
+        self._nodes: dict[str, _Node] = {}
+        self._links: dict[str, _NewsLink] = {}
+        self._slot_addr: list[str] = []  # (cluster) slot -> the primary that owns it
+        self._topology_stale = False  # (cluster) a node redirected us or failed: read the slot map again
+        self._topology_lock = asyncio.Lock()
+        self._read_slots: asyncio.Semaphore | None = None  # (cluster) bounds concurrent catch-up reads
+        self._held: set[str] = set()  # (cluster) sessions whose appends wait to be retried (TRYAGAIN)
         # writer
         self._queue: deque[_Append] = deque()
         self._calls = 0
@@ -336,14 +533,12 @@ class RedisEventLog(EventLog):
         self._log_keys: dict[str, bytes] = {}  # followed (or being subscribed) session -> its stream key
         self._key_sessions: dict[bytes, str] = {}  # and back (a stream key is also its news channel)
         self._key_resp: dict[str, bytes] = {}  # followed session -> its stream key in RESP
+        self._session_link: dict[str, _NewsLink] = {}  # followed session -> the link its news comes on
+        self._rehome: set[str] = set()  # (cluster) followed sessions whose slot moved: subscribe anew
         self._news: set[str] = set()  # followed sessions whose streams may hold unread entries
         self._stirred = asyncio.Event()  # news, a new follower, or closing
         self._followers_changed = False  # a session gained its first follower or lost its last
-        self._unacked: dict[bytes, int] = {}  # channel -> SUBSCRIBEs sent and not yet confirmed
-        self._acked: dict[bytes, asyncio.Future[None]] = {}
-        self._news_up = False  # the news connection is up: SUBSCRIBEs go to it (else its reconnect sends them)
         self._reader: asyncio.Task[None] | None = None
-        self._news_task: asyncio.Task[None] | None = None
         self._synced: dict[str, list[asyncio.Future[None]]] = {}
         self._compactor: asyncio.Task[None] | None = None
 
@@ -355,52 +550,133 @@ class RedisEventLog(EventLog):
 
     # ------------------------------------------------------------ lifecycle
 
-    def _client(self, **extra: Any) -> Any:
+    def _client(self, url: str | None = None, *, cluster: bool = False, **extra: Any) -> Any:
         options = {**self.options, **extra}
-        if options.get("single_connection_client"):
-            client = aioredis.Redis.from_url(self.url, **options)
+        url = url or self.url
+        if cluster:
+            client = RedisCluster.from_url(url, **options)
+        elif options.get("single_connection_client"):
+            client = aioredis.Redis.from_url(url, **options)
         else:
             # Bounded, and callers wait for a free connection: thousands of
             # followers catching up at once queue here instead of opening
             # thousands of connections (or failing).
             pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=self.max_connections, timeout=None, **options)
+                url, max_connections=self.max_connections, timeout=None, **options)
             client = aioredis.Redis(connection_pool=pool)
         # Raw replies: stream entries stay [id, [field, value]] lists of bytes.
         for cmd in ("XRANGE", "XREVRANGE", "XREAD"):
             client.set_response_callback(cmd, lambda r, **_: r)
         return client
 
+    def _node_url(self, addr: str) -> str:
+        """The store's URL (its credentials and options) pointed at node ``addr`` ("" = the URL's own)."""
+        if not addr:
+            return self.url
+        parts = urlsplit(self.url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{userinfo}@{addr}" if at else addr))
+
+    def _node(self, addr: str) -> _Node:
+        node = self._nodes.get(addr)
+        if node is None:
+            url = self._node_url(addr)
+            node = self._nodes[addr] = _Node(addr, self._client(url, single_connection_client=True),
+                                             self._client(url, single_connection_client=True,
+                                                          client_name=self.reader_name))
+        return node
+
+    def _link(self, addr: str) -> _NewsLink:
+        link = self._links.get(addr)
+        if link is None:
+            # RESP2: pub/sub messages are plain arrays, parsed in bulk.
+            client = self._client(self._node_url(addr), single_connection_client=True, socket_timeout=None,
+                                  client_name=self.news_name, protocol=2)
+            link = self._links[addr] = _NewsLink(self, addr, client, sharded=self.cluster)
+        return link
+
+    def _addr_of(self, key: bytes) -> str:
+        """The node that owns ``key``'s slot ("" on a single Redis)."""
+        return self._slot_addr[key_slot(key)] if self.cluster else ""
+
     async def open(self) -> None:
         if self._loop is not None:
             raise StoreError("RedisEventLog.open() was already called (a closed log is not reopened: make a new one)")
-        self._redis = self._client()
+        probe = self._client()
         deadline = time.monotonic() + self.open_wait_s
         delay = 0.05
         while True:
             try:
-                self._sha = await self._redis.script_load(_APPEND_LUA)
+                info = await probe.info("cluster")
                 break
             except RedisError as exc:
                 unreachable = isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and not isinstance(
                     exc, AuthenticationError)
                 if not unreachable or time.monotonic() + delay > deadline:
-                    await self._redis.aclose()
+                    await probe.aclose()
                     raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
                 log.warning("Redis at %s does not answer yet (%s); trying again", self.url, exc)
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-        self._writer_conn = self._client(single_connection_client=True)
-        self._reader_conn = self._client(single_connection_client=True, client_name=self.reader_name)
-        # RESP2: pub/sub messages are plain arrays, parsed here in bulk.
-        self._news_conn = self._client(single_connection_client=True, socket_timeout=None,
-                                       client_name=self.news_name, protocol=2)
+        self.cluster = bool(info.get("cluster_enabled"))
         self._loop = asyncio.get_running_loop()
+        if self.cluster:
+            await probe.aclose()
+            self._redis = self._client(cluster=True)
+            self._read_slots = asyncio.Semaphore(self.max_connections)
+            self._script = _APPEND_LUA_SHARDED
+            try:
+                # Before any command: a RedisCluster not yet initialized sends
+                # concurrent first commands all to one node.
+                await self._redis.initialize()
+                await self._refresh_topology()
+            except (RedisError, StoreError) as exc:
+                await self._redis.aclose()
+                raise StoreError(f"cannot read the slot map of the Redis Cluster at {self.url}: {exc}") from exc
+        else:
+            self._redis = probe
+            self._link("")
+        # Loaded on a node when it first answers NOSCRIPT (each node of a cluster has its own cache).
+        self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._writer = asyncio.ensure_future(self._run_writer())
         self._reader = asyncio.ensure_future(self._run_reader())
-        self._news_task = asyncio.ensure_future(self._run_news())
         if self.retention_s is not None and self.compact_every_s:
             self._compactor = asyncio.ensure_future(self._run_compactor())
+
+    async def _refresh_topology(self) -> None:
+        """(cluster) Read which primary owns each slot (``CLUSTER SLOTS``, from
+        the first node that answers); followed sessions whose slot moved get
+        their news subscribed anew on the new owner."""
+        async with self._topology_lock:
+            self._topology_stale = False
+            own = urlsplit(self.url).netloc.rpartition("@")[2]
+            reply: Any = None
+            failure: Exception | None = None
+            for addr in dict.fromkeys([*filter(None, self._slot_addr), own]):
+                client = self._client(self._node_url(addr), single_connection_client=True)
+                try:
+                    (reply,) = await _exchange(client, [_pack(("CLUSTER", "SLOTS"))])
+                    if isinstance(reply, Exception):
+                        raise reply
+                    asked = addr.rpartition(":")[0]
+                    break
+                except (RedisError, OSError) as exc:
+                    failure = exc
+                finally:
+                    await client.aclose()
+            else:
+                raise StoreError(f"no Redis Cluster node answers CLUSTER SLOTS: {failure}")
+            owners = [""] * 16384  # (a slot no node serves: its calls go to the URL's node and are retried)
+            for first, last, primary, *_ in reply:
+                host = primary[0].decode() if primary[0] not in (b"", b"?") else asked
+                addr = f"[{host}]:{primary[1]}" if ":" in host else f"{host}:{primary[1]}"
+                owners[first:last + 1] = [addr] * (last - first + 1)
+            self._slot_addr = owners
+            moved = {s for s, link in self._session_link.items() if link.addr != self._addr_of(self._log_keys[s])}
+            if moved:
+                self._rehome |= moved
+                self._followers_changed = True
+                self._stirred.set()
 
     async def close(self) -> None:
         """Write every append already made, stop the tasks and disconnect."""
@@ -411,13 +687,14 @@ class RedisEventLog(EventLog):
         self._stirred.set()
         if self._writer is not None:
             await asyncio.shield(self._writer)
-        tasks = [t for t in (self._reader, self._news_task, self._compactor) if t is not None]
+        tasks = [t for t in (self._reader, self._compactor) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._news_conn.aclose()
-        await self._reader_conn.aclose()
-        await self._writer_conn.aclose()
+        for link in self._links.values():
+            await link.close()
+        for node in self._nodes.values():
+            await node.close()
         await self._redis.aclose()
 
     def _check_open(self) -> None:
@@ -453,12 +730,21 @@ class RedisEventLog(EventLog):
             self._queued.clear()
             while self._queue:
                 groups = self._take_round()
+                if not groups:  # what is queued belongs to held sessions: their release stirs us
+                    break
                 try:
                     await self._write_round(groups)
                 except Exception as exc:  # never leave an append waiting
                     log.exception("redis append round failed")
                     self._fail(groups, StoreError(f"append failed: {exc!r}"))
-            if self._closing and not self._queue:
+                if self._topology_stale:
+                    try:
+                        await self._refresh_topology()
+                    except StoreError as exc:
+                        log.warning("%s; the next round tries again", exc)
+                        self._topology_stale = True
+                        await asyncio.sleep(REDIRECT_PAUSE_S)
+            if self._closing and not self._queue and not self._held:
                 return
 
     def _take_round(self) -> list[_Group]:
@@ -476,7 +762,7 @@ class RedisEventLog(EventLog):
                 break
             item = queue.popleft()
             s = item.session
-            if s in waiting:
+            if s in waiting or s in self._held:
                 rest.append(item)
                 continue
             group = groups.get(s)
@@ -492,10 +778,34 @@ class RedisEventLog(EventLog):
         self._queue = rest
         return list(groups.values())
 
+    def _route(self, groups: list[_Group]) -> dict[str, list[_Call]]:
+        """The round's script calls, per node: one call on a single Redis, one per slot on a cluster."""
+        if not self.cluster:
+            call = _Call(asking=False)
+            call.groups = groups
+            return {"": [call]}
+        calls: dict[tuple[str, int], _Call] = {}
+        for g in groups:
+            slot = key_slot(self.key(g.session, "log").encode())
+            addr = g.ask or self._slot_addr[slot]
+            call = calls.get((addr, slot))
+            if call is None:
+                call = calls[addr, slot] = _Call(asking=g.ask is not None)
+            call.groups.append(g)
+        by_node: dict[str, list[_Call]] = {}
+        for (addr, _slot), call in calls.items():
+            by_node.setdefault(addr, []).append(call)
+        return by_node
+
+    async def _get_all(self, keys: list[str]) -> list[Any]:
+        if self.cluster:  # keys of many slots
+            return await self._redis.mget_nonatomic(keys)
+        return await self._redis.mget(keys)
+
     async def _write_round(self, groups: list[_Group]) -> None:
         unknown = [g.session for g in groups if not g.numbered and g.session not in self._next]
         if unknown:
-            values = await self._redis.mget([self.key(s, "seq") for s in unknown])
+            values = await self._get_all([self.key(s, "seq") for s in unknown])
             for s, v in zip(unknown, values):
                 self._next.setdefault(s, int(v or 0) + 1)
         for g in groups:
@@ -506,37 +816,130 @@ class RedisEventLog(EventLog):
                 first += len(item.records)
                 g.records.extend(item.records)
         new = [g.session for g in groups if g.session not in self._registered]
-        commands = [_pack(("SADD", self.sessions_key, *new))] if new else []
-        commands.append(_pack(self._append_args(groups)))
-        if self.wait_replicas:
-            commands.append(_pack(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
-        try:
-            results = await _exchange(self._writer_conn, commands)
-        except (RedisError, OSError) as exc:
-            for g in groups:
-                self._next.pop(g.session, None)
-            self._fail(groups, StoreError(f"redis append failed (the events may or may not be stored): {exc}"))
-            return
-        replicated = True
-        if self.wait_replicas:
-            acked = results.pop()
-            replicated = isinstance(acked, int) and acked >= self.wait_replicas
-        if new and not isinstance(results[0], Exception):
-            if len(self._registered) > REGISTERED_MAX:  # bounded memory; SADD again is harmless
-                self._registered.clear()
-            self._registered.update(new)
-        outcome = results[-1]
+        head: list[bytes] = []
+        if new and self.cluster:
+            # The set has a slot of its own: it is written before the scripts
+            # (so it never misses a session that exists).
+            try:
+                await self._redis.sadd(self.sessions_key, *new)
+            except RedisError as exc:
+                self._fail(groups, StoreError(f"redis append failed (registering the session): {exc}"))
+                return
+            self._register(new)
+        elif new:
+            head = [_pack(("SADD", self.sessions_key, *new))]
+        by_node = self._route(groups)
+        results = await asyncio.gather(*(self._send(addr, calls, head) for addr, calls in by_node.items()),
+                                       return_exceptions=True)
         retry: list[_Append] = []
         written: list[_Append] = []
-        if isinstance(outcome, NoScriptError):  # Redis lost its script cache (restart, SCRIPT FLUSH)
-            self._sha = await self._redis.script_load(_APPEND_LUA)
-            retry = [item for g in groups for item in g.items]
-            outcome = []
-        elif isinstance(outcome, Exception):
-            for g in groups:
+        for (addr, calls), result in zip(by_node.items(), results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (RedisError, OSError)):
+                    raise result
+                lost = [g for call in calls for g in call.groups]
+                for g in lost:
+                    self._next.pop(g.session, None)
+                self._fail(lost, StoreError(f"redis append failed (the events may or may not be stored): {result}"))
+                self._topology_stale = self.cluster  # the node may have failed over
+                continue
+            head_replies, outcomes, replicated = result
+            if head_replies and not isinstance(head_replies[0], Exception):
+                self._register(new)
+            for call, outcome in zip(calls, outcomes):
+                if isinstance(outcome, NoScriptError):  # a node's first write, or it lost its cache (restart, SCRIPT FLUSH)
+                    await _exchange(self._node(addr).writer, [_pack(("SCRIPT", "LOAD", self._script))])
+                    retry += [item for g in call.groups for item in g.items]
+                elif isinstance(outcome, (MovedError, AskError, TryAgainError, ClusterDownError, MasterDownError)):
+                    retry += self._redirected(call, outcome)
+                elif isinstance(outcome, Exception):
+                    for g in call.groups:
+                        self._next.pop(g.session, None)
+                    self._fail(call.groups, StoreError(f"redis append failed: {outcome}"))
+                else:
+                    self._settle(call.groups, outcome, replicated, written, retry)
+        written.sort(key=lambda item: item.order)
+        for item in written:
+            if not item.future.done():
+                item.future.set_result(item.records)
+        self._requeue(retry)
+
+    def _requeue(self, items: list[_Append]) -> None:
+        """Queue appends to be written again, ahead of what was queued after them."""
+        if not items:
+            return
+        items.sort(key=lambda item: item.order)
+        for item in items:
+            if not item.numbered:
+                for ev in item.events:
+                    ev.seq = 0
+        self._queue.extendleft(reversed(items))
+        self._queued.set()
+
+    def _unhold(self, items: list[_Append]) -> None:
+        self._held.difference_update(item.session for item in items)
+        self._requeue(items)
+
+    def _register(self, sessions: list[str]) -> None:
+        if len(self._registered) > REGISTERED_MAX:  # bounded memory; SADD again is harmless
+            self._registered.clear()
+        self._registered.update(sessions)
+
+    async def _send(self, addr: str, calls: list[_Call], head: list[bytes]) -> tuple[list[Any], list[Any], bool]:
+        """Send one node's script calls (after ``head``) in one write. Returns
+        the replies to ``head``, one outcome per call, and whether the
+        replicas confirmed (``wait_replicas``)."""
+        commands = list(head)
+        for call in calls:
+            if call.asking:
+                commands.append(_pack(("ASKING",)))
+            commands.append(_pack(self._append_args(call.groups)))
+        if self.wait_replicas:
+            commands.append(_pack(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
+        replies = await _exchange(self._node(addr).writer, commands)
+        replicated = True
+        if self.wait_replicas:
+            acked = replies.pop()
+            replicated = isinstance(acked, int) and acked >= self.wait_replicas
+        outcomes = []
+        i = len(head)
+        for call in calls:
+            i += call.asking
+            outcomes.append(replies[i])
+            i += 1
+        return replies[:len(head)], outcomes, replicated
+
+    def _redirected(self, call: _Call, error: Exception) -> list[_Append]:
+        """A cluster did not run the call (its slot moved, is moving, or the
+        cluster is down): the appends go again, within the retry bound."""
+        ask = None
+        if isinstance(error, MovedError):
+            self._topology_stale = True
+        elif isinstance(error, AskError):
+            ask = f"[{error.host}]:{error.port}" if ":" in error.host else f"{error.host}:{error.port}"
+        again: list[_Append] = []
+        for g in call.groups:
+            items = g.items
+            for item in items:
+                item.retries += 1
+                item.ask = ask
+            if any(item.retries > CONFLICT_RETRIES for item in items):
                 self._next.pop(g.session, None)
-            self._fail(groups, StoreError(f"redis append failed: {outcome}"))
-            outcome = []
+                self._fail([g], StoreError(f"session {g.session!r}: the cluster kept redirecting the append: {error}"))
+            else:
+                again += items
+        if again and not isinstance(error, (MovedError, AskError)):
+            # TRYAGAIN (a slot's keys are between two nodes) or a cluster that
+            # is down: these sessions wait a moment; their later appends
+            # wait with them (order), the other sessions' do not.
+            self._held.update(item.session for item in again)
+            self._loop.call_later(REDIRECT_PAUSE_S, self._unhold, again)  # type: ignore[union-attr]
+            return []
+        return again
+
+    def _settle(self, groups: list[_Group], outcome: list[int], replicated: bool,
+                written: list[_Append], retry: list[_Append]) -> None:
+        """Apply one script call's per-session statuses."""
         for i, g in enumerate(groups[:len(outcome) // 2]):
             status, last = outcome[2 * i], outcome[2 * i + 1]
             if status == 0:
@@ -564,16 +967,6 @@ class RedisEventLog(EventLog):
                         break
                 else:
                     retry.extend(g.items)
-        written.sort(key=lambda item: item.order)
-        for item in written:
-            if not item.future.done():
-                item.future.set_result(item.records)
-        if retry:
-            for ev_item in retry:
-                if not ev_item.numbered:
-                    for ev in ev_item.events:
-                        ev.seq = 0
-            self._queue.extendleft(reversed(retry))
 
     def _append_args(self, groups: list[_Group]) -> list[Any]:
         keys: list[Any] = []
@@ -616,8 +1009,9 @@ class RedisEventLog(EventLog):
         while limit is None or len(out) < limit:
             n = READ_CHUNK if limit is None else min(READ_CHUNK, limit - len(out))
             try:
-                entries = await self._redis.execute_command(
-                    "XRANGE", key, f"({cursor}-0" if cursor else "-", "+", "COUNT", n)
+                async with self._read_slots or contextlib.nullcontext():
+                    entries = await self._redis.execute_command(
+                        "XRANGE", key, f"({cursor}-0" if cursor else "-", "+", "COUNT", n)
             except RedisError as exc:
                 raise StoreError(f"reading {session!r} failed: {exc}") from exc
             for eid, fields in entries:
@@ -665,6 +1059,8 @@ class RedisEventLog(EventLog):
         next_sweep = time.monotonic() + self.sweep_s
         while not self._closing:  # (redis-py may turn a cancellation into a ConnectionError)
             try:
+                if self._topology_stale:
+                    await self._refresh_topology()
                 await self._sync_followed()
                 if self._closing:
                     return
@@ -679,11 +1075,7 @@ class RedisEventLog(EventLog):
                 news = [s for s in self._news if s in self._cursor]
                 self._news.clear()
                 if news:
-                    (reply,) = await _exchange(self._reader_conn, [self._xread_command(news)])
-                    if isinstance(reply, Exception):
-                        raise reply
-                    if reply:
-                        self._deliver(reply)
+                    await self._read_news(news)
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
@@ -695,6 +1087,38 @@ class RedisEventLog(EventLog):
                 backoff = min(2.0, backoff * 2)
                 self._followers_changed = True  # a sync cut short is done again
                 self._news.update(self._cursor)
+                self._topology_stale = self.cluster
+
+    async def _read_news(self, news: list[str]) -> None:
+        """Read the streams ``news`` names from their cursors and hand the entries to the feed."""
+        if not self.cluster:
+            (reply,) = await _exchange(self._node("").reader, [self._xread_command(news)])
+            if isinstance(reply, Exception):
+                raise reply
+            if reply:
+                self._deliver(reply)
+            return
+        by_node: dict[str, list[str]] = {}
+        for s in news:  # one XREAD per stream: one may only name keys of one slot
+            by_node.setdefault(self._addr_of(self._log_keys[s]), []).append(s)
+        nodes = list(by_node.items())
+        results = await asyncio.gather(
+            *(_exchange(self._node(addr).reader, [self._xread_command([s]) for s in sessions])
+              for addr, sessions in nodes), return_exceptions=True)
+        failure: BaseException | None = None
+        for (_addr, sessions), replies in zip(nodes, results):
+            if isinstance(replies, BaseException):
+                failure = failure or replies
+                self._news.update(sessions)
+                continue
+            for s, reply in zip(sessions, replies):
+                if isinstance(reply, Exception):
+                    failure = failure or reply
+                    self._news.add(s)
+                elif reply:
+                    self._deliver(reply)
+        if failure is not None:
+            raise failure
 
     def _xread_command(self, sessions: list[str]) -> bytes:
         """``XREAD COUNT n STREAMS <keys…> <ids…>``, packed from the keys' cached RESP."""
@@ -730,38 +1154,45 @@ class RedisEventLog(EventLog):
     async def _sync_followed(self) -> None:
         """Make the set the reader follows equal to the sessions with local
         followers: subscribe to a new session's news, and once Redis confirmed
-        it, start at its current last seq (so nothing between the two is missed)."""
+        it, start at its current last seq (so nothing between the two is
+        missed). A followed session whose slot moved is subscribed to on its
+        new node, and read once that is confirmed."""
         if not self._followers_changed:
             return
         self._followers_changed = False
         followed = self.feed.followed()
         gone = [s for s in self._log_keys if s not in followed]
         if gone:
-            channels = [self._log_keys[s] for s in gone]
+            unsubscribe: dict[_NewsLink, list[bytes]] = {}
             for s in gone:
                 self._cursor.pop(s, None)
                 self._key_resp.pop(s, None)
                 self._news.discard(s)
-                del self._key_sessions[self._log_keys.pop(s)]
-            await self._send_news(("UNSUBSCRIBE", *channels))
+                self._rehome.discard(s)
+                key = self._log_keys.pop(s)
+                del self._key_sessions[key]
+                unsubscribe.setdefault(self._session_link.pop(s), []).append(key)
+            for link, channels in unsubscribe.items():
+                await link.unsubscribe(channels)
         while True:
             new = [s for s in followed if s not in self._cursor]
+            moved = [s for s in self._rehome if s in self._log_keys]
+            self._rehome.clear()
+            if not new and not moved:
+                break
+            await self._subscribe(new + moved)
+            # (a SUBSCRIBE lost with a news connection is sent again by its reconnect)
+            waits = [fut for s in new + moved
+                     if (fut := self._session_link[s].acked.get(self._log_keys[s])) is not None]
+            if waits:
+                done, pending = await asyncio.wait(waits, timeout=self.sweep_s)
+                if pending or any(fut.exception() for fut in done):
+                    raise StoreError(f"news subscriptions not confirmed ({len(pending)} within {self.sweep_s} s)"
+                                     " or refused")
+            self._news.update(s for s in moved if s in self._cursor)
             if not new:
-                return
-            fresh = [s for s in new if s not in self._log_keys]
-            if fresh:
-                channels = []
-                for s in fresh:
-                    key = self.key(s, "log").encode()
-                    self._log_keys[s] = key
-                    self._key_sessions[key] = s
-                    channels.append(key)
-                    self._expect_ack(key)
-                await self._send_news(("SUBSCRIBE", *channels))
-            # (a SUBSCRIBE lost with the news connection is sent again by its reconnect)
-            waits = [fut for s in new if (fut := self._acked.get(self._log_keys[s])) is not None]
-            await asyncio.gather(*waits)
-            values = await self._redis.mget([self.key(s, "seq") for s in new])
+                continue
+            values = await self._get_all([self.key(s, "seq") for s in new])
             for s, v in zip(new, values):
                 listeners = followed.get(s)
                 if listeners is None:
@@ -778,82 +1209,36 @@ class RedisEventLog(EventLog):
                 for fut in self._synced.pop(s, ()):
                     if not fut.done():
                         fut.set_result(None)
+        if self.cluster:  # a node that owns no slot any more: its news connection goes
+            owners = set(self._slot_addr)
+            for addr, link in list(self._links.items()):
+                if addr not in owners and not link.channels:
+                    del self._links[addr]
+                    await link.close()
 
-    def _expect_ack(self, channel: bytes) -> None:
-        self._unacked[channel] = self._unacked.get(channel, 0) + 1
-        if channel not in self._acked:
-            self._acked[channel] = asyncio.get_running_loop().create_future()
-
-    async def _send_news(self, command: tuple[Any, ...]) -> None:
-        # While the news connection is down its task subscribes to everything on reconnecting.
-        if self._news_up:
-            await self._news_conn.connection.send_packed_command(_pack(command), check_health=False)
-
-    async def _run_news(self) -> None:
-        """Read the news connection: each message names a stream that was
-        written (and its last seq); SUBSCRIBE confirmations release the reader."""
-        import hiredis
-
-        backoff = 0.05
-        while not self._closing:
-            try:
-                await self._news_conn.initialize()
-                conn = self._news_conn.connection
-                await conn.connect()  # (again, after a drop)
-                # From here the reader's SUBSCRIBEs go to this connection; the
-                # channels it named before are subscribed to here (pending
-                # confirmations then wait for this one).
-                self._news_up = True
-                channels = list(self._log_keys.values())
-                self._unacked = dict.fromkeys(channels, 1)
-                if channels:
-                    await conn.send_packed_command(_pack(("SUBSCRIBE", *channels)), check_health=False)
-                # Whatever was written while we were not listening is read now.
-                self._news.update(self._cursor)
-                self._stirred.set()
-                parser = hiredis.Reader()
-                stream = conn._reader  # redis-py's asyncio.StreamReader: replies are parsed here in bulk
-                backoff = 0.05
-                while True:
-                    data = await stream.read(1 << 16)
-                    if not data:
-                        raise ConnectionError("the news connection was closed")
-                    parser.feed(data)
-                    self._on_news(parser)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._closing:
-                    return
-                self._news_up = False
-                log.warning("stream news: %r; reconnecting", exc)
-                with contextlib.suppress(Exception):
-                    await self._news_conn.connection.disconnect()
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-
-    def _on_news(self, parser: Any) -> None:
-        sessions = self._key_sessions
-        cursor = self._cursor
-        news = self._news
-        while (msg := parser.gets()) is not False:
-            kind = msg[0]
-            if kind == b"message":
-                session = sessions.get(msg[1])
-                if session is not None and int(msg[2]) > cursor.get(session, -1):
-                    news.add(session)
-            elif kind == b"subscribe":
-                channel = msg[1]
-                left = self._unacked.get(channel, 0) - 1
-                if left <= 0:
-                    self._unacked.pop(channel, None)
-                    fut = self._acked.pop(channel, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
-                else:
-                    self._unacked[channel] = left
-        if news:
-            self._stirred.set()
+    async def _subscribe(self, sessions: list[str]) -> None:
+        """Subscribe to each session's news on the link of the node that owns
+        its slot, unless it is (or is being) subscribed there already;
+        unsubscribe it where it was, if elsewhere."""
+        subscribe: dict[_NewsLink, list[bytes]] = {}
+        unsubscribe: dict[_NewsLink, list[bytes]] = {}
+        for s in sessions:
+            key = self._log_keys.get(s)
+            if key is None:
+                key = self._log_keys[s] = self.key(s, "log").encode()
+                self._key_sessions[key] = s
+            link = self._link(self._addr_of(key))
+            old = self._session_link.get(s)
+            if old is link and key in link.channels:
+                continue
+            if old is not None and old is not link and key in old.channels:
+                unsubscribe.setdefault(old, []).append(key)
+            self._session_link[s] = link
+            subscribe.setdefault(link, []).append(key)
+        for link, channels in unsubscribe.items():
+            await link.unsubscribe(channels)
+        for link, channels in subscribe.items():
+            await link.subscribe(channels)
 
     # ------------------------------------------------------------ retention
 
