@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 DEFAULT_URL = "redis://127.0.0.1:6379"
 START_TIMEOUT_S = 10.0
@@ -108,14 +108,17 @@ def _command(port: int, *args: str) -> bytes:
     return reply
 
 
-def start_cluster(directory: str, primaries: int = 3) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
+def start_cluster(directory: str, primaries: int = 3,
+                  replicas: int = 0) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
     """Start a Redis Cluster of ``primaries`` nodes on free ports, the 16,384
-    slots split evenly, and wait until every node reports ``cluster_state:ok``."""
+    slots split evenly, the first ``replicas`` primaries with one replica each
+    (their ports follow the primaries'), and wait until every node reports
+    ``cluster_state:ok`` and every replica is in sync."""
     ports: list[int] = []
     bus_ports: list[int] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for i in range(primaries):
+        for i in range(primaries + replicas):
             node_dir = os.path.join(directory, f"node{i}")
             os.makedirs(node_dir)
             # The bus port is given: port + 10,000 (the default) may not exist.
@@ -126,18 +129,27 @@ def start_cluster(directory: str, primaries: int = 3) -> tuple[list[int], list[s
             assert proc is not None
             ports.append(port)
             procs.append(proc)
-        for i, port in enumerate(ports):
+        for i, port in enumerate(ports[:primaries]):
             first, last = 16384 * i // primaries, 16384 * (i + 1) // primaries - 1
             _command(port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
         for port in ports[1:]:
             _command(port, "CLUSTER", "MEET", "127.0.0.1", str(ports[0]), str(bus_ports[0]))
         deadline = time.monotonic() + START_TIMEOUT_S * 3
-        while not all(b"cluster_state:ok" in _command(p, "CLUSTER", "INFO")
-                      and _command(p, "CLUSTER", "INFO").count(b"cluster_known_nodes:%d" % primaries)
-                      for p in ports):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not come up")
-            time.sleep(0.05)
+
+        def wait(what: str, ready: Callable[[int], bool], nodes: list[int]) -> None:
+            while not all(ready(p) for p in nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Redis Cluster did not come up: {what}")
+                time.sleep(0.05)
+
+        known = b"cluster_known_nodes:%d\r" % len(ports)
+        wait("the nodes meet", lambda p: known in _command(p, "CLUSTER", "INFO"), ports)
+        for i, port in enumerate(ports[primaries:]):
+            primary_id = _command(ports[i], "CLUSTER", "MYID").split(b"\r\n")[1].decode()
+            _command(port, "CLUSTER", "REPLICATE", primary_id)
+        wait("replicas in sync", lambda p: b"master_link_status:up" in _command(p, "INFO", "replication"),
+             ports[primaries:])
+        wait("every slot served", lambda p: b"cluster_state:ok" in _command(p, "CLUSTER", "INFO"), ports)
         return ports, procs
     except BaseException:
         for proc in procs:
@@ -147,10 +159,10 @@ def start_cluster(directory: str, primaries: int = 3) -> tuple[list[int], list[s
 
 
 @contextlib.contextmanager
-def redis_cluster_for_tests(primaries: int = 3) -> Iterator[str]:
+def redis_cluster_for_tests(primaries: int = 3, replicas: int = 0) -> Iterator[str]:
     """A throwaway Redis Cluster for the duration; yields the URL of its first node."""
     with tempfile.TemporaryDirectory(prefix="turnline-redis-cluster-") as tmp:
-        ports, procs = start_cluster(tmp, primaries)
+        ports, procs = start_cluster(tmp, primaries, replicas)
         try:
             yield f"redis://127.0.0.1:{ports[0]}"
         finally:

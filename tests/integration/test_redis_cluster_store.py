@@ -5,8 +5,8 @@ Pinned here, what only a cluster has: one writer round spans every node (one
 script call per slot), the reader follows streams on every node (an ``XREAD``
 per stream, sharded news on the owning node), a slot that moves while a
 session is written and followed (``ASK`` during the move, ``MOVED`` after it,
-the news re-subscribed on the new owner), and a node that lost its script
-cache. The sweep is set to ten minutes, so only the news can make a follower's
+the news re-subscribed on the new owner), a node that lost its script
+cache, and a failover to a replica. The sweep is set to ten minutes, so only the news can make a follower's
 reader read: a follower that gets an event got it through the path under test.
 Every step of a move is done by the test, in order; every wait is bounded.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -24,6 +24,8 @@ from redis.crc import key_slot
 from turnline.protocol import ChunkEvent, Message, TurnEnd
 from turnline.store.base import Record
 from turnline.store.redis import RedisEventLog
+
+from redis_server import redis_cluster_for_tests
 
 WAIT = 10.0
 NO_SWEEP_MS = 600_000
@@ -267,3 +269,62 @@ async def test_a_node_that_lost_its_script_cache_loads_the_script_again(logs, no
     assert [[r.seq for r in got] for got in results] == [[2, 3]] * len(sessions)
     for s in sessions:
         assert tags(await log.read(s)) == [(1, "1"), (2, "2"), (3, "3")]
+
+
+@pytest.fixture(scope="module")
+def cluster_with_a_replica() -> Iterator[str]:
+    """A cluster of its own (a failover changes it): three primaries, the first with a replica."""
+    with redis_cluster_for_tests(primaries=3, replicas=1) as url:
+        yield url
+
+
+async def test_after_a_failover_writes_and_news_move_to_the_promoted_replica(cluster_with_a_replica: str) -> None:
+    nodes = await Nodes.of(cluster_with_a_replica)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    gateway = RedisEventLog(cluster_with_a_replica, prefix=prefix, sweep_ms=NO_SWEEP_MS)
+    worker = RedisEventLog(cluster_with_a_replica, prefix=prefix)
+    await gateway.open()
+    await worker.open()
+    try:
+        rows = await Nodes.table(next(iter(nodes.clients.values())))
+        replica = next(r for r in rows if "slave" in r[2])
+        primary = next(r[1].split("@")[0] for r in rows if r[0] == replica[3])
+        promoted = replica[1].split("@")[0]
+        session = next(s for s in (f"f{i}" for i in range(10_000))
+                       if worker._slot_addr[session_slot(worker, s)] == primary)
+        follower = gateway.follow(session, after=0)
+        try:
+            await worker.append(session, [ev("1")])
+            assert tags(await collect(follower, 1)) == [(1, "1")]
+
+            await nodes.clients[promoted].execute_command("CLUSTER", "FAILOVER")  # a manual failover: nothing lost
+            await until_async(lambda: role(nodes.clients[promoted], "master"), "the replica promoted")
+            await until_async(lambda: role(nodes.clients[primary], "slave"), "the old primary demoted")
+
+            # The old primary answers MOVED: a new slot map, the call again on the promoted replica.
+            assert tags(await worker.append(session, [ev("2")])) == [(2, "2")]
+            assert worker._slot_addr[session_slot(worker, session)] == promoted
+            # The news reaches the gateway (no sweep runs), and keeps coming.
+            assert tags(await collect(follower, 2)) == [(2, "2")]
+            assert tags(await worker.append(session, [ev("3")])) == [(3, "3")]
+            assert tags(await collect(follower, 3)) == [(3, "3")]
+            assert tags(await gateway.read(session)) == [(1, "1"), (2, "2"), (3, "3")]
+        finally:
+            await follower.aclose()
+    finally:
+        await gateway.close()
+        await worker.close()
+        await nodes.close()
+
+
+async def role(client: aioredis.Redis, wanted: str) -> bool:
+    return (await client.info("replication"))["role"] == wanted
+
+
+async def until_async(predicate: Callable[[], Any], what: str) -> None:
+    try:
+        async with asyncio.timeout(WAIT):
+            while not await predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{what} never became true") from None
