@@ -19,7 +19,8 @@ the Redis Streams store side by side with the SQLite store, in one run.
 
 Redis is the local one (127.0.0.1:6379) or a throwaway server
 (tests/redis_server.py); the benchmark's keys use a random prefix and are
-deleted afterwards. SQLite runs with synchronous=NORMAL in a temp dir.
+deleted afterwards. "redis cluster" is a throwaway Redis Cluster of three
+primaries on this machine (the same script), for what a cluster costs. SQLite runs with synchronous=NORMAL in a temp dir.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import websockets
 from bench._common import REPO, pct, print_table, save, token, turnline_server
 
 sys.path.insert(0, str(REPO / "tests"))
-from redis_server import redis_for_tests, scratch_prefix  # noqa: E402
+from redis_server import redis_cluster_for_tests, redis_for_tests, scratch_prefix  # noqa: E402
 
 from turnline.agent.turn import message_from_input  # noqa: E402
 from turnline.core.session import Session  # noqa: E402
@@ -194,6 +195,8 @@ async def throughput(make: Callable[[], Any], quick: bool) -> dict[str, float]:
 
 # ----------------------------------------------------------------- the run
 
+STORES = ("sqlite", "redis", "redis cluster")
+
 
 async def run(quick: bool) -> dict[str, Any]:
     events = backlog_events()
@@ -204,11 +207,16 @@ async def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {"backlog": BACKLOG, "target_ms": TARGET_MS}
 
     with redis_for_tests() as redis_url, scratch_prefix(redis_url) as prefix, \
-            tempfile.TemporaryDirectory() as tmp:
+            redis_cluster_for_tests() as cluster_url, tempfile.TemporaryDirectory() as tmp:
         sqlite_path = f"{tmp}/bench.db"
 
         async def redis_log(**kw: Any) -> RedisEventLog:
             log = RedisEventLog(redis_url, prefix=prefix, retention_s=None, **kw)
+            await log.open()
+            return log
+
+        async def cluster_log(**kw: Any) -> RedisEventLog:
+            log = RedisEventLog(cluster_url, prefix=prefix, retention_s=None, **kw)
             await log.open()
             return log
 
@@ -220,6 +228,7 @@ async def run(quick: bool) -> dict[str, Any]:
         stores: dict[str, tuple[Callable[[], Any], str]] = {
             "sqlite": (sqlite_log, f"sqlite:///{sqlite_path}"),
             "redis": (redis_log, f"{redis_url}?prefix={prefix}&retention_s=none"),
+            "redis cluster": (cluster_log, f"{cluster_url}?prefix={prefix}&retention_s=none"),
         }
         for name, (make, url) in stores.items():
             log = await make()
@@ -241,7 +250,7 @@ async def run(quick: bool) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> None:
     rows = []
-    for name in ("sqlite", "redis"):
+    for name in STORES:
         wire, store = results[f"{name} wire"], results[f"{name} store"]
         for label, values in (("WebSocket, cold (first subscribe: loads the session)", wire["cold"]),
                               ("WebSocket, warm", wire["warm"]),
@@ -253,8 +262,9 @@ def table(results: dict[str, Any]) -> None:
                 ["store", "path", "runs", "p50", "p99", "max"], rows)
     rows = []
     for label in results["redis append"]:
-        rows.append([label, round(results["sqlite append"][label]), round(results["redis append"][label])])
-    print_table("Append throughput, events/s", ["workload", "sqlite (NORMAL)", "redis"], rows)
+        rows.append([label, *(round(results[f"{name} append"][label]) for name in STORES)])
+    print_table("Append throughput, events/s", ["workload", "sqlite (NORMAL)", "redis", "redis cluster (3 primaries)"],
+                rows)
 
 
 def bench(quick: bool) -> None:

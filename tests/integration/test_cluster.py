@@ -7,10 +7,16 @@ events across processes is set by the test, not by timing. Every wait is
 bounded (the bounds are generous: how fast a dead worker is noticed is
 measured in ``bench/cluster.py``, not asserted here).
 
-- a new turn runs on exactly one worker, also when two gateways send to one
-  new session at once;
+The process tests run twice: on a single Redis (``[redis]``) and on a Redis
+Cluster of three primaries (``[redis-cluster]``), where a test's session is
+named so that its keys live on another node than the dispatch stream's, so
+commands, leases and reads really cross nodes.
+
+- a new turn runs on exactly one worker and streams to the client, also when
+  two gateways send to one new session at once;
 - a cancel sent through another gateway reaches the worker running the turn,
-  and the persisted message is what the canceller had seen;
+  whose lease was renewed meanwhile, and the persisted message is what the
+  canceller had seen;
 - kill -9 of the worker running a turn: the turn ends ``error``/``worker_lost``,
   the client sees it, and the queued message then runs on the other worker;
 - kill -9 of the client's gateway mid-stream: the client resumes through
@@ -40,6 +46,8 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from servers import free_port
 from turnline.server.auth import mint
@@ -161,29 +169,108 @@ class Cluster:
     async def aborted(self, r: aioredis.Redis, turn_id: str) -> list[str]:
         return [a.decode() for a in await r.lrange(f"{self.prefix}:aborted:{turn_id}", 0, -1)]
 
+    # What differs on a Redis Cluster (see OnRedisCluster).
 
-@pytest.fixture
-def cluster(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, redis_url, redis_prefix)
+    async def session(self, r: aioredis.Redis, name: str) -> str:
+        """The session a test named ``name`` uses: on one Redis, that name."""
+        return name
+
+    async def hold_lease(self, r: aioredis.Redis, session: str, periods: int) -> None:
+        """Watch the session's lease for ``periods`` lease periods: the same worker holds it all along."""
+        key = f"{self.prefix}:{{{session}}}:lease"  # (RedisEventLog.key)
+        holder = await r.get(key)
+        assert holder is not None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + periods * self.lease_ms / 1000
+        while loop.time() < until:
+            assert await r.get(key) == holder, "the lease was not renewed"
+            await asyncio.sleep(0.05)
+
+
+async def node_of(r: RedisCluster, key: str) -> tuple[str, int]:
+    """The primary serving ``key``, as CLUSTER SLOTS tells it."""
+    slot = key_slot(key.encode())
+    slots = await r.cluster_slots()
+    return next(node["primary"] for (first, last), node in slots.items() if first <= slot <= last)
+
+
+class OnRedisCluster(Cluster):
+    """The same processes, and the test's own client, on a Redis Cluster."""
+
+    def __init__(self, tmp: Path, redis_url: str, prefix: str, **kwargs: Any):
+        super().__init__(tmp, redis_url, prefix, **kwargs)
+        self.env["TURNLINE_TEST_REDIS_CLUSTER"] = "1"
+
+    def redis(self) -> RedisCluster:  # type: ignore[override]
+        return RedisCluster.from_url(self.redis_url)
+
+    def session_key(self, session: str) -> str:
+        return f"{self.prefix}:{{{session}}}:log"  # (RedisEventLog.key: every key of a session has its slot)
+
+    async def session(self, r: RedisCluster, name: str) -> str:  # type: ignore[override]
+        """A session named ``name-<i>`` whose keys live on another node than the dispatch stream's."""
+        queue = await node_of(r, f"{self.prefix}:dispatch")
+        for i in range(64):
+            if await node_of(r, self.session_key(f"{name}-{i}")) != queue:
+                return f"{name}-{i}"
+        raise AssertionError("every candidate session is on the dispatch stream's node")
+
+
+@contextlib.contextmanager
+def scratch_prefix(url: str) -> Iterator[str]:
+    """A random key prefix on the cluster; its keys (on every node) are deleted afterwards."""
+    import uuid
+
+    from redis.cluster import RedisCluster as SyncRedisCluster
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
     try:
-        yield c
+        yield prefix
     finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def two_by_two(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[Cluster, list[Node],
-                                                                                          list[Node]]]:
-    """2 gateways and 2 workers, shared by the tests that kill nothing."""
-    from redis_server import scratch_prefix
-
-    with scratch_prefix(redis_url) as prefix:
-        c = Cluster(tmp_path_factory.mktemp("cluster"), redis_url, prefix)
+        client = SyncRedisCluster.from_url(url)
         try:
-            gateways, workers = c.start(gateways=2, workers=2)
-            yield c, gateways, workers
+            for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+STORES = ["redis", "redis-cluster"]
+
+
+@contextlib.contextmanager
+def new_cluster(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Cluster]:
+    """A Cluster on a fresh key prefix of a single Redis or of a Redis Cluster, as ``request.param`` says;
+    its processes are stopped and its keys deleted afterwards."""
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster_url")
+        prefixed, kind = scratch_prefix(url), OnRedisCluster
+    else:
+        import redis_server
+
+        url = request.getfixturevalue("redis_url")
+        prefixed, kind = redis_server.scratch_prefix(url), Cluster
+    with prefixed as prefix:
+        c = kind(tmp, url, prefix)
+        try:
+            yield c
         finally:
             c.stop()
+
+
+@pytest.fixture(params=STORES)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    with new_cluster(request, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=STORES)
+def two_by_two(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, list[Node], list[Node]]]:
+    """2 gateways and 2 workers, shared by the tests that kill nothing."""
+    with new_cluster(request, tmp_path_factory.mktemp(request.param)) as c:
+        gateways, workers = c.start(gateways=2, workers=2)
+        yield c, gateways, workers
 
 
 def say(session: str, text: str, **fields: Any) -> dict[str, Any]:
@@ -199,22 +286,26 @@ async def test_a_new_turn_runs_on_exactly_one_worker(two_by_two: tuple[Cluster, 
     r = cluster.redis()
     token = cluster.token()
     async with asyncio.timeout(60):
+        sessions = [f"one-{i}" for i in range(12)]
+        if isinstance(cluster, OnRedisCluster):
+            assert len({await node_of(r, cluster.session_key(s)) for s in sessions}) >= 2
         a, b = await RawWS.open(ga.ws, token), await RawWS.open(gb.ws, token)
-        # One send to each of 12 new sessions, through either gateway.
+        # One send to each of 12 new sessions, through either gateway: each streams its answer.
         turns: dict[str, str] = {}
-        for i in range(12):
+        for i, session in enumerate(sessions):
             ws = (a, b)[i % 2]
-            session = f"one-{i}"
             await ws.subscribe(session)
             turns[session] = (await ws.ok(say(session, f"quick {i}")))["turn_ids"][0]
-            await ws.turn_end(session, turns[session], TIMEOUT)
+            end = await ws.turn_end(session, turns[session], TIMEOUT)
+            assert end["reason"] == "complete" and text_of(end["message"]) == "quick answer"
+            assert [d["chunk"]["delta"] for d in deltas(ws, session, turns[session])] == ["quick answer"]
         runners = {t: await cluster.ran(r, t) for t in turns.values()}
         assert all(len(pids) == 1 for pids in runners.values()), runners
         assert {p for (p,) in runners.values()} <= {w.pid for w in workers}
 
         # Ten sends at once, through both gateways, to one new session: one
         # worker takes its lease, the other forwards to it; each turn runs once.
-        session = "together"
+        session = await cluster.session(r, "together")
         await a.subscribe(session)
         acks = await asyncio.gather(*(ws.ok(say(session, f"quick together {i}"))
                                       for i in range(5) for ws in (a, b)))
@@ -237,8 +328,8 @@ async def test_cancel_through_another_gateway_reaches_the_worker(
     cluster, (ga, gb), workers = two_by_two
     r = cluster.redis()
     token = cluster.token()
-    session = "cancel-across"
     async with asyncio.timeout(60):
+        session = await cluster.session(r, "cancel-across")
         # The user streams on gateway A and stops from another device, on gateway B.
         a, b = await RawWS.open(ga.ws, token), await RawWS.open(gb.ws, token)
         await a.subscribe(session)
@@ -250,10 +341,13 @@ async def test_cancel_through_another_gateway_reaches_the_worker(
         # Two more tokens reach the log (and A) but not B's screen: B's cancel says what it saw.
         await cluster.release(r, turn, 2)
         await a.wait_until(lambda: len(deltas(a, session, turn)) == 5, TIMEOUT, "5 tokens on A")
+        # The turn runs on through three lease periods: its worker keeps
+        # renewing the lease (on a cluster, on the session's node, not the dispatch stream's).
+        await cluster.hold_lease(r, session, 3)
         ack = await b.ok({"op": "cancel", "session": session, "filter": {"turn_id": turn}, "seen": seen})
         assert ack["cancelled"] == [turn]
         end = await a.turn_end(session, turn, TIMEOUT)
-        assert end["reason"] == "cancelled"
+        assert end["reason"] == "cancelled", end
         assert text_of(end["message"]) == "w0 w1 w2 "
         # The agent's abort fired, in the worker process that ran the turn.
         (runner,) = await cluster.ran(r, turn)
@@ -269,8 +363,8 @@ async def test_cancel_through_another_gateway_reaches_the_worker(
 async def test_killed_worker_turn_ends_worker_lost_and_queue_moves_on(cluster: Cluster) -> None:
     (gw,), workers = cluster.start(gateways=1, workers=2)
     r = cluster.redis()
-    session = "lost-worker"
     async with asyncio.timeout(90):
+        session = await cluster.session(r, "lost-worker")
         ws = await RawWS.open(gw.ws, cluster.token())
         await ws.subscribe(session)
         turn = (await ws.ok(say(session, "slow story")))["turn_ids"][0]

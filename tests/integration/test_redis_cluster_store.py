@@ -26,6 +26,7 @@ from turnline.store.base import Record
 from turnline.store.redis import RedisEventLog
 
 from redis_server import redis_cluster_for_tests
+from test_redis_store import collect, until
 
 WAIT = 10.0
 NO_SWEEP_MS = 600_000
@@ -37,14 +38,6 @@ def ev(tag: str) -> ChunkEvent:
 
 def tags(records: list[Record]) -> list[tuple[int, str]]:
     return [(r.seq, r.event().chunk["delta"]) for r in records]
-
-
-async def collect(agen: AsyncIterator[list[Record]], until_seq: int) -> list[Record]:
-    out: list[Record] = []
-    async with asyncio.timeout(WAIT):
-        while not out or out[-1].seq < until_seq:
-            out.extend(await anext(agen))
-    return out
 
 
 @pytest.fixture
@@ -183,15 +176,6 @@ async def start_move(nodes: Nodes, log: RedisEventLog, session: str) -> Move:
     return move
 
 
-async def until(predicate: Callable[[], Any], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        raise AssertionError(f"{what} never became true") from None
-
-
 async def test_a_session_whose_slot_moves_is_written_and_followed_throughout(logs, nodes: Nodes) -> None:
     """Every key of the session exists (a lease fences the appends, a turn
     ended): each step of the move serves the append at once."""
@@ -298,8 +282,8 @@ async def test_after_a_failover_writes_and_news_move_to_the_promoted_replica(clu
             assert tags(await collect(follower, 1)) == [(1, "1")]
 
             await nodes.clients[promoted].execute_command("CLUSTER", "FAILOVER")  # a manual failover: nothing lost
-            await until_async(lambda: role(nodes.clients[promoted], "master"), "the replica promoted")
-            await until_async(lambda: role(nodes.clients[primary], "slave"), "the old primary demoted")
+            await until(lambda: role(nodes.clients[promoted], "master"), "the replica promoted")
+            await until(lambda: role(nodes.clients[primary], "slave"), "the old primary demoted")
 
             # The old primary answers MOVED: a new slot map, the call again on the promoted replica.
             assert tags(await worker.append(session, [ev("2")])) == [(2, "2")]
@@ -319,12 +303,3 @@ async def test_after_a_failover_writes_and_news_move_to_the_promoted_replica(clu
 
 async def role(client: aioredis.Redis, wanted: str) -> bool:
     return (await client.info("replication"))["role"] == wanted
-
-
-async def until_async(predicate: Callable[[], Any], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not await predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"{what} never became true") from None
