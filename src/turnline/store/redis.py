@@ -442,6 +442,12 @@ class _RedisFeed(LiveFeed):
         return self._listeners
 
 
+def _node_addr(host: str, port: int | bytes) -> str:
+    """``host:port`` as a URL's netloc (an IPv6 host in brackets): how nodes are named here."""
+    port = port.decode() if isinstance(port, bytes) else port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _split_url(url: str) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(url)
     ours: dict[str, Any] = {}
@@ -669,8 +675,7 @@ class RedisEventLog(EventLog):
             owners = [""] * 16384  # (a slot no node serves: its calls go to the URL's node and are retried)
             for first, last, primary, *_ in reply:
                 host = primary[0].decode() if primary[0] not in (b"", b"?") else asked
-                addr = f"[{host}]:{primary[1]}" if ":" in host else f"{host}:{primary[1]}"
-                owners[first:last + 1] = [addr] * (last - first + 1)
+                owners[first:last + 1] = [_node_addr(host, primary[1])] * (last - first + 1)
             self._slot_addr = owners
             moved = {s for s, link in self._session_link.items() if link.addr != self._addr_of(self._log_keys[s])}
             if moved:
@@ -833,6 +838,7 @@ class RedisEventLog(EventLog):
                                        return_exceptions=True)
         retry: list[_Append] = []
         written: list[_Append] = []
+        unloaded: set[str] = set()  # nodes that answered NOSCRIPT
         for (addr, calls), result in zip(by_node.items(), results):
             if isinstance(result, BaseException):
                 if not isinstance(result, (RedisError, OSError)):
@@ -848,7 +854,7 @@ class RedisEventLog(EventLog):
                 self._register(new)
             for call, outcome in zip(calls, outcomes):
                 if isinstance(outcome, NoScriptError):  # a node's first write, or it lost its cache (restart, SCRIPT FLUSH)
-                    await _exchange(self._node(addr).writer, [_pack(("SCRIPT", "LOAD", self._script))])
+                    unloaded.add(addr)
                     retry += [item for g in call.groups for item in g.items]
                 elif isinstance(outcome, (MovedError, AskError, TryAgainError, ClusterDownError, MasterDownError)):
                     retry += self._redirected(call, outcome)
@@ -862,6 +868,13 @@ class RedisEventLog(EventLog):
         for item in written:
             if not item.future.done():
                 item.future.set_result(item.records)
+        # Once per node, and after the written appends are acknowledged: a
+        # load that fails leaves its calls to fail or succeed on their retry.
+        for addr in unloaded:
+            try:
+                await _exchange(self._node(addr).writer, [_pack(("SCRIPT", "LOAD", self._script))])
+            except (RedisError, OSError) as exc:
+                log.warning("loading the append script on %s: %s", addr or self.url, exc)
         self._requeue(retry)
 
     def _requeue(self, items: list[_Append]) -> None:
@@ -916,7 +929,7 @@ class RedisEventLog(EventLog):
         if isinstance(error, MovedError):
             self._topology_stale = True
         elif isinstance(error, AskError):
-            ask = f"[{error.host}]:{error.port}" if ":" in error.host else f"{error.host}:{error.port}"
+            ask = _node_addr(error.host, error.port)
         again: list[_Append] = []
         for g in call.groups:
             items = g.items
