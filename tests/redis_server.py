@@ -178,18 +178,23 @@ def redis_cluster_for_tests(primaries: int = 3, replicas: int = 0) -> Iterator[s
 
 @contextlib.contextmanager
 def scratch_prefix(url: str) -> Iterator[str]:
-    """A random key prefix; its keys are deleted afterwards."""
+    """A random key prefix; its keys are deleted afterwards (on every node, when ``url`` is a cluster's)."""
     import redis
+    from redis.cluster import RedisCluster
 
     prefix = f"t{uuid.uuid4().hex[:12]}"
     try:
         yield prefix
     finally:
         client = redis.Redis.from_url(url)
+        if client.info("cluster").get("cluster_enabled"):
+            client.close()
+            client = RedisCluster.from_url(url)  # (scans every node)
         try:
             keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            for i in range(0, len(keys), 500):
-                client.delete(*keys[i:i + 500])
+            step = 1 if isinstance(client, RedisCluster) else 500  # a cluster's DEL names keys of one slot
+            for k in range(0, len(keys), step):
+                client.delete(*keys[k:k + step])
         finally:
             client.close()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from test_cluster import node_of, scratch_prefix
+from redis_server import scratch_prefix
+from test_cluster import node_of
 
 
 async def test_a_fresh_bus_takes_a_burst_and_its_scripts_run_on_every_node(redis_cluster_url: str) -> None:

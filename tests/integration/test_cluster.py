@@ -216,25 +216,6 @@ class OnRedisCluster(Cluster):
         raise AssertionError("every candidate session is on the dispatch stream's node")
 
 
-@contextlib.contextmanager
-def scratch_prefix(url: str) -> Iterator[str]:
-    """A random key prefix on the cluster; its keys (on every node) are deleted afterwards."""
-    import uuid
-
-    from redis.cluster import RedisCluster as SyncRedisCluster
-
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    try:
-        yield prefix
-    finally:
-        client = SyncRedisCluster.from_url(url)
-        try:
-            for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
-                client.delete(key)
-        finally:
-            client.close()
-
-
 STORES = ["redis", "redis-cluster"]
 
 
@@ -242,15 +223,13 @@ STORES = ["redis", "redis-cluster"]
 def new_cluster(request: pytest.FixtureRequest, tmp: Path) -> Iterator[Cluster]:
     """A Cluster on a fresh key prefix of a single Redis or of a Redis Cluster, as ``request.param`` says;
     its processes are stopped and its keys deleted afterwards."""
-    if request.param == "redis-cluster":
-        url = request.getfixturevalue("redis_cluster_url")
-        prefixed, kind = scratch_prefix(url), OnRedisCluster
-    else:
-        import redis_server
+    from redis_server import scratch_prefix
 
-        url = request.getfixturevalue("redis_url")
-        prefixed, kind = redis_server.scratch_prefix(url), Cluster
-    with prefixed as prefix:
+    if request.param == "redis-cluster":
+        url, kind = request.getfixturevalue("redis_cluster_url"), OnRedisCluster
+    else:
+        url, kind = request.getfixturevalue("redis_url"), Cluster
+    with scratch_prefix(url) as prefix:
         c = kind(tmp, url, prefix)
         try:
             yield c
