@@ -106,8 +106,13 @@ class CancelFilter(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tru
 # ---------------------------------------------------------------- events
 
 
-class Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
-    """Base of every log event. ``seq`` is assigned by the store at append time."""
+class Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True, gc=False):
+    """Base of every log event. ``seq`` is assigned by the store at append time.
+
+    Untracked by the cycle collector (``gc=False``): an event holds JSON data
+    only, so it cannot be part of a cycle, and a live turn keeps every chunk
+    event; tracked, they made each full collection walk them all (tens of ms
+    a pause in a busy worker)."""
 
     seq: int = 0
     ts: int = 0

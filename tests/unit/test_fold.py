@@ -128,6 +128,26 @@ def test_two_text_parts_streaming_interleaved() -> None:
                      {"type": "text", "text": "B1 ", "state": "done"}]
 
 
+def test_parts_read_between_deltas_hold_the_text_so_far() -> None:
+    # Deltas are joined when the parts are read, not on each delta: a read in
+    # the middle of a stream (a voice turn, a reconnecting client) sees every
+    # delta so far, and the ones after it are added to the same part.
+    f = MessageFold("m")
+    f.add({"type": "text-start", "id": "t"})
+    f.add({"type": "reasoning-start", "id": "r"})
+    f.add({"type": "text-delta", "id": "t", "delta": "one "})
+    f.add({"type": "reasoning-delta", "id": "r", "delta": "hmm"})
+    first = f.parts[0]
+    assert (first["text"], f.parts[1]["text"]) == ("one ", "hmm")
+    f.add({"type": "text-delta", "id": "t", "delta": "two "})
+    f.add({"type": "text-delta", "id": "t", "delta": "three"})
+    assert f.snapshot()[0][0]["text"] == "one two three"
+    assert f.parts[0] is first and first["text"] == "one two three"
+    f.add({"type": "text-end", "id": "t"})
+    f.add({"type": "text-delta", "id": "t", "delta": "late"})
+    assert f.parts[0] == {"type": "text", "text": "one two three", "state": "done"}
+
+
 def test_a_text_id_can_be_reused_after_its_end() -> None:
     parts = parts_of([
         {"type": "text-start", "id": "t"}, {"type": "text-delta", "id": "t", "delta": "one"},

@@ -601,3 +601,17 @@ def test_old_turns_drop_their_chunks_but_keep_their_record() -> None:
         log.end(f"t{i}")
     assert [len(s.turns[f"t{i}"].chunks) for i in range(4)] == [0, 0, 3, 3]
     assert s.turns["t0"].reason == "complete" and s.messages["reply-t0"].parts[0]["text"] == "0"
+
+
+def test_events_are_out_of_the_cycle_collectors_reach() -> None:
+    # A live turn keeps every chunk event it streamed; tracked, a full
+    # collection in a busy worker walked them all (a pause of tens of ms).
+    import gc
+
+    from turnline.protocol import decode_event, encode
+
+    made = ChunkEvent(turn_id="t1", chunk={"type": "text-delta", "id": "text-0", "delta": "hi", "n": [1]})
+    read = decode_event(encode(made))
+    end = TurnEnd(turn_id="t1", reason="complete",
+                  message=Message(id="m", role="assistant", parts=[{"type": "text"}], parent_id=None))
+    assert not any(gc.is_tracked(ev) for ev in (made, read, end, decode_event(encode(end))))

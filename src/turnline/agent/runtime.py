@@ -226,16 +226,19 @@ class SessionHub:
                 self._drained = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._drained)
 
-    def append_chunk(self, turn: Turn, chunk: dict[str, Any], final: bool) -> None:
+    def append_chunk(self, turn: Turn, chunk: dict[str, Any], final: bool, *, serialisable: bool = False) -> None:
+        """``serialisable``: the caller built ``chunk`` from strings (a text
+        delta), so the check for agent-written chunks is skipped."""
         if not self.state.is_active(turn.turn_id):
             self.count_late_chunk()
             return
-        try:
-            encode(chunk)
-        except Exception as exc:
-            # Refused here, to the agent code that wrote it: once emitted it
-            # would fail the store append and retire the whole session.
-            raise TypeError(f"a chunk must be JSON-serialisable: {exc}") from None
+        if not serialisable:
+            try:
+                encode(chunk)
+            except Exception as exc:
+                # Refused here, to the agent code that wrote it: once emitted it
+                # would fail the store append and retire the whole session.
+                raise TypeError(f"a chunk must be JSON-serialisable: {exc}") from None
         first = not self.state.active[turn.turn_id].chunks
         self._emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
         if first:

@@ -103,7 +103,8 @@ class Turn:
                 self._text_id = f"text-{self._text_seq}"
                 self._text_seq += 1
                 self.hub.append_chunk(self, {"type": "text-start", "id": self._text_id}, final)
-            self.hub.append_chunk(self, {"type": "text-delta", "id": self._text_id, "delta": chunk}, final)
+            self.hub.append_chunk(self, {"type": "text-delta", "id": self._text_id, "delta": chunk}, final,
+                                  serialisable=True)
             return
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise TypeError(f"a chunk is a str or a dict with a 'type'; got {chunk!r}")

@@ -22,16 +22,20 @@ CANCELLED_TOOL_TEXT = "cancelled"
 class MessageFold:
     """Accumulates one assistant message from its chunks."""
 
-    __slots__ = ("message_id", "parts", "metadata", "_text", "_reasoning", "_tools", "_tool_text", "ignored")
+    __slots__ = ("message_id", "_parts", "metadata", "_text", "_reasoning", "_tools", "_tool_text", "_deltas",
+                 "ignored")
 
     def __init__(self, message_id: str | None = None):
         self.message_id = message_id
-        self.parts: list[dict[str, Any]] = []
+        self._parts: list[dict[str, Any]] = []
         self.metadata: dict[str, Any] = {}
         self._text: dict[str, dict[str, Any]] = {}
         self._reasoning: dict[str, dict[str, Any]] = {}
         self._tools: dict[str, dict[str, Any]] = {}
         self._tool_text: dict[str, str] = {}
+        # Text and reasoning deltas not yet joined into their part (by id of
+        # the part): ``+=`` on every delta copied the whole text each time.
+        self._deltas: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self.ignored = 0  # chunks that broke a rule (orphan deltas, unknown types)
 
     # -- feeding
@@ -60,7 +64,7 @@ class MessageFold:
         if "providerMetadata" in c:
             part["providerMetadata"] = c["providerMetadata"]
         table[str(c.get("id"))] = part
-        self.parts.append(part)
+        self._parts.append(part)
 
     def _delta(self, table: dict[str, dict[str, Any]], c: dict[str, Any]) -> None:
         part = table.get(str(c.get("id")))
@@ -68,7 +72,11 @@ class MessageFold:
         if part is None or not isinstance(delta, str):
             self.ignored += 1
             return
-        part["text"] += delta
+        pending = self._deltas.get(id(part))
+        if pending is None:
+            self._deltas[id(part)] = (part, [delta])
+        else:
+            pending[1].append(delta)
         self._take_provider_metadata(part, c)
 
     @staticmethod
@@ -89,7 +97,7 @@ class MessageFold:
     def _finish_step(self, _c: dict[str, Any]) -> None:
         # Every streaming part, not only those the tables point at: a second
         # ``*-start`` with an open id leaves the first part out of its table.
-        for part in self.parts:
+        for part in self._parts:
             if part.get("state") == "streaming":
                 part["state"] = "done"
         self._text.clear()
@@ -113,7 +121,7 @@ class MessageFold:
             if c.get("providerExecuted"):
                 part["providerExecuted"] = True
             self._tools[call_id] = part
-            self.parts.append(part)
+            self._parts.append(part)
         return part
 
     def _tool_input_start(self, c: dict[str, Any]) -> None:
@@ -169,7 +177,7 @@ class MessageFold:
         part["errorText"] = str(c.get("errorText", ""))
 
     def _copy_part(self, c: dict[str, Any], keys: tuple[str, ...]) -> None:
-        self.parts.append({"type": c["type"], **{k: c[k] for k in keys if k in c}})
+        self._parts.append({"type": c["type"], **{k: c[k] for k in keys if k in c}})
 
     def _data(self, c: dict[str, Any]) -> None:
         if c.get("transient"):
@@ -177,13 +185,22 @@ class MessageFold:
         part: dict[str, Any] = {"type": c["type"], "data": c.get("data")}
         if "id" in c:
             part = {"type": c["type"], "id": c["id"], "data": c.get("data")}
-            for i, existing in enumerate(self.parts):
+            for i, existing in enumerate(self._parts):
                 if existing.get("type") == c["type"] and existing.get("id") == c["id"]:
-                    self.parts[i] = part
+                    self._parts[i] = part
                     return
-        self.parts.append(part)
+        self._parts.append(part)
 
     # -- reading
+
+    @property
+    def parts(self) -> list[dict[str, Any]]:
+        """The message's parts so far (text joined up to the last delta)."""
+        if self._deltas:
+            for part, deltas in self._deltas.values():
+                part["text"] += "".join(deltas)
+            self._deltas.clear()
+        return self._parts
 
     def close_open_parts(self, tool_error_text: str = CANCELLED_TOOL_TEXT) -> None:
         """Close what a cancel cut: text/reasoning become ``done``; a tool call
@@ -204,7 +221,7 @@ class MessageFold:
 
 _HANDLERS = {
     "start": MessageFold._start,
-    "start-step": lambda f, c: f.parts.append({"type": "step-start"}),
+    "start-step": lambda f, c: f._parts.append({"type": "step-start"}),
     "finish-step": MessageFold._finish_step,
     "text-start": lambda f, c: f._open(f._text, "text", c),
     "text-delta": lambda f, c: f._delta(f._text, c),

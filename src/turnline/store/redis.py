@@ -165,6 +165,10 @@ _URL_OPTIONS = {"prefix": str, "retention_s": float, "wait_replicas": int, "wait
                 "compact_every_s": float, "open_wait_s": float}
 
 
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 def _pack(args: Sequence[bytes | str | int]) -> bytes:
     """One command in RESP. redis-py's own packer costs ~25 µs a command;
     the writer and the reader (thousands of stream keys) pack their own."""
@@ -539,6 +543,7 @@ class RedisEventLog(EventLog):
         self._log_keys: dict[str, bytes] = {}  # followed (or being subscribed) session -> its stream key
         self._key_sessions: dict[bytes, str] = {}  # and back (a stream key is also its news channel)
         self._key_resp: dict[str, bytes] = {}  # followed session -> its stream key in RESP
+        self._write_keys: dict[str, bytes] = {}  # session -> its four keys in RESP, as the script takes them
         self._session_link: dict[str, _NewsLink] = {}  # followed session -> the link its news comes on
         self._rehome: set[str] = set()  # (cluster) followed sessions whose slot moved: subscribe anew
         self._news: set[str] = set()  # followed sessions whose streams may hold unread entries
@@ -644,6 +649,7 @@ class RedisEventLog(EventLog):
             self._link("")
         # Loaded on a node when it first answers NOSCRIPT (each node of a cluster has its own cache).
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
+        self._evalsha_resp = _bulk(b"EVALSHA") + _bulk(self._sha.encode())
         self._writer = asyncio.ensure_future(self._run_writer())
         self._reader = asyncio.ensure_future(self._run_reader())
         if self.retention_s is not None and self.compact_every_s:
@@ -722,7 +728,7 @@ class RedisEventLog(EventLog):
             future.set_result([])
             return future
         events = list(events)
-        if events[0].seq != 0 and any(ev.seq != events[0].seq + i for i, ev in enumerate(events)):
+        if len(events) > 1 and events[0].seq != 0 and any(ev.seq != events[0].seq + i for i, ev in enumerate(events)):
             raise StoreError("events given with seqs must carry consecutive seqs")
         self._calls += 1
         self._queue.append(_Append(self._calls, session, events, fence, future))
@@ -906,7 +912,7 @@ class RedisEventLog(EventLog):
         for call in calls:
             if call.asking:
                 commands.append(_pack(("ASKING",)))
-            commands.append(_pack(self._append_args(call.groups)))
+            commands.append(self._append_command(call.groups))
         if self.wait_replicas:
             commands.append(_pack(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
         replies = await _exchange(self._node(addr).writer, commands)
@@ -981,20 +987,30 @@ class RedisEventLog(EventLog):
                 else:
                     retry.extend(g.items)
 
-    def _append_args(self, groups: list[_Group]) -> list[Any]:
-        keys: list[Any] = []
-        argv: list[Any] = []
-        key = self.key
+    def _append_command(self, groups: list[_Group]) -> bytes:
+        """The script call for ``groups``, packed as RESP (the writer's hot
+        path: built directly, the four keys of a session packed once)."""
+        body: list[bytes] = []
+        count = 3
         for g in groups:
-            s = g.session
-            keys += (key(s, "log"), key(s, "seq"), key(s, "lease"), key(s, "ended"))
+            keys = self._write_keys.get(g.session)
+            if keys is None:
+                if len(self._write_keys) > REGISTERED_MAX:
+                    self._write_keys.clear()
+                keys = self._write_keys[g.session] = b"".join(
+                    _bulk(self.key(g.session, kind).encode()) for kind in ("log", "seq", "lease", "ended"))
+            body.append(keys)
+        for g in groups:
+            records = g.records
             ended = [(ev.ts, f"{ev.seq}:{ev.turn_id}") for item in g.items for ev in item.events
                      if type(ev) is TurnEnd]
-            argv += (g.fence or "", g.records[0].seq, len(g.records), len(ended))
-            argv += [r.data for r in g.records]
+            body += (_bulk(g.fence.encode() if g.fence else b""), _bulk(b"%d" % records[0].seq),
+                     _bulk(b"%d" % len(records)), _bulk(b"%d" % len(ended)))
+            body += [_bulk(r.data) for r in records]
             for score, member in ended:
-                argv += (score, member)
-        return ["EVALSHA", self._sha, len(keys), *keys, *argv]
+                body += (_bulk(b"%d" % score), _bulk(member.encode()))
+            count += 4 + 4 + len(records) + 2 * len(ended)
+        return b"*%d\r\n%b%b%b" % (count, self._evalsha_resp, _bulk(b"%d" % (4 * len(groups))), b"".join(body))
 
     @staticmethod
     def _fail(groups: list[_Group], error: StoreError) -> None:
