@@ -178,7 +178,7 @@ def _pack(args: Sequence[bytes | str | int]) -> bytes:
             a = a.encode()
         elif type(a) is int:
             a = b"%d" % a
-        out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+        out.append(_bulk(a))
     return b"".join(out)
 
 
@@ -1229,7 +1229,7 @@ class RedisEventLog(EventLog):
                 start = int(v or 0)
                 self._cursor[s] = start
                 key = self._log_keys[s]
-                self._key_resp[s] = b"$%d\r\n%b\r\n" % (len(key), key)
+                self._key_resp[s] = _bulk(key)
                 if start:
                     # A follower that subscribed before this start may have
                     # read the log before it: it re-reads once.
