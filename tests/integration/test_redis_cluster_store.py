@@ -21,23 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from turnline.protocol import ChunkEvent, Message, TurnEnd
-from turnline.store.base import Record
+from turnline.protocol import Message, TurnEnd
 from turnline.store.redis import RedisEventLog
 
 from redis_server import redis_cluster_for_tests
-from test_redis_store import collect, until
+from test_redis_store import collect, ev, following, tags, until
 
 WAIT = 10.0
 NO_SWEEP_MS = 600_000
-
-
-def ev(tag: str) -> ChunkEvent:
-    return ChunkEvent(turn_id="t1", chunk={"type": "text-delta", "id": "x", "delta": tag})
-
-
-def tags(records: list[Record]) -> list[tuple[int, str]]:
-    return [(r.seq, r.event().chunk["delta"]) for r in records]
 
 
 @pytest.fixture
@@ -116,9 +107,7 @@ async def test_a_write_round_and_the_reader_span_every_node(logs) -> None:
     gateway, worker = await logs(sweep_ms=NO_SWEEP_MS), await logs()
     sessions = [f"s{i}" for i in range(60)]
     assert len({worker._slot_addr[session_slot(worker, s)] for s in sessions}) == 3
-    followers = {s: gateway.follow(s, after=0) for s in sessions}
-    firsts = {s: asyncio.ensure_future(anext(f)) for s, f in followers.items()}
-    try:
+    async with following(gateway, sessions) as (followers, firsts):
         async with asyncio.timeout(WAIT):
             for s in sessions:
                 await gateway.feed_synced(s)
@@ -136,12 +125,6 @@ async def test_a_write_round_and_the_reader_span_every_node(logs) -> None:
         for addr, link in gateway._links.items():
             assert link.channels == {gateway.key(s, "log").encode() for s in sessions
                                      if gateway._slot_addr[session_slot(gateway, s)] == addr}
-    finally:
-        for t in firsts.values():
-            t.cancel()
-        await asyncio.gather(*firsts.values(), return_exceptions=True)
-        for f in followers.values():
-            await f.aclose()
 
 
 class Move:

@@ -17,6 +17,7 @@ releases it); every wait is bounded; nothing sleeps and hopes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from typing import Any, AsyncIterator, Callable
@@ -47,6 +48,10 @@ def ev(tag: str, turn: str = "t1") -> ChunkEvent:
 
 def seqs(records: list[Record]) -> list[int]:
     return [r.seq for r in records]
+
+
+def tags(records: list[Record]) -> list[tuple[int, str]]:
+    return [(r.seq, r.event().chunk["delta"]) for r in records]
 
 
 @pytest.fixture
@@ -96,6 +101,22 @@ async def collect(agen: AsyncIterator[list[Record]], until_seq: int) -> list[Rec
     return out
 
 
+@contextlib.asynccontextmanager
+async def following(log: RedisEventLog, sessions: list[str]) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Follow each session from its start, its first batch awaited in a task
+    (``firsts``); on leaving, the tasks are cancelled and the followers closed."""
+    followers = {s: log.follow(s, after=0) for s in sessions}
+    firsts = {s: asyncio.ensure_future(anext(f)) for s, f in followers.items()}
+    try:
+        yield followers, firsts
+    finally:
+        for t in firsts.values():
+            t.cancel()
+        await asyncio.gather(*firsts.values(), return_exceptions=True)
+        for f in followers.values():
+            await f.aclose()
+
+
 # ----------------------------------------------------------------- layout
 
 
@@ -132,7 +153,7 @@ async def test_numbered_appends_are_compare_and_set(logs) -> None:
     gap[0].seq = 9
     with pytest.raises(StoreConflict):
         await a.append("s", gap)
-    assert [(r.seq, r.event().chunk["delta"]) for r in await a.read("s")] == [
+    assert tags(await a.read("s")) == [
         (1, "1"), (2, "2"), (3, "3"), (4, "b4")]
     # Unnumbered events are renumbered after the conflict and retried.
     assert seqs(await a.append("s", [ev("a5")])) == [5]
@@ -205,9 +226,7 @@ async def test_the_script_is_reloaded_after_the_script_cache_is_flushed() -> Non
 async def test_one_reader_connection_feeds_followers_of_many_sessions(logs, raw) -> None:
     gateway, worker = await logs(), await logs()  # events reach the gateway only through Redis
     sessions = [f"s{i}" for i in range(300)]
-    followers = {s: gateway.follow(s, after=0) for s in sessions}
-    firsts = {s: asyncio.ensure_future(anext(f)) for s, f in followers.items()}
-    try:
+    async with following(gateway, sessions) as (followers, firsts):
         await until(lambda: all(gateway.feed.follower_count(s) == 1 for s in sessions), "subscribed")
         for i, s in enumerate(sessions):
             await worker.append(s, [ev(f"{s}.1"), ev(f"{s}.2")])
@@ -217,16 +236,10 @@ async def test_one_reader_connection_feeds_followers_of_many_sessions(logs, raw)
             async with asyncio.timeout(WAIT):
                 got = await firsts[s]
             got += await collect(followers[s], 3) if got[-1].seq < 3 else []
-            assert [(r.seq, r.event().chunk["delta"]) for r in got] == [(n, f"{s}.{n}") for n in (1, 2, 3)]
+            assert tags(got) == [(n, f"{s}.{n}") for n in (1, 2, 3)]
         names = [c.get("name") for c in await raw.client_list()]
         assert names.count(gateway.reader_name) == names.count(gateway.news_name) == 1
         assert set(gateway._cursor) == set(sessions)
-    finally:
-        for t in firsts.values():
-            t.cancel()
-        await asyncio.gather(*firsts.values(), return_exceptions=True)
-        for f in followers.values():
-            await f.aclose()
     # With no followers left the reader drops the sessions at its next round.
     await gateway.append("s0", [ev("s0.4")])
     await until(lambda: not gateway._cursor, "reader forgot the sessions")
