@@ -53,6 +53,7 @@ from ..core.session import Session
 from ..protocol import (
     AnyEvent, CancelFilter, ErrorCode, ErrorInfo, MessageIn, SpeechInterrupted, TurnRevised, now_ms,
 )
+from ..store.base import READ_PAGE
 from .runtime import CommandError, Runtime, RuntimeConfig, SendOutcome, SessionHub
 
 log = logging.getLogger("turnline.cluster")
@@ -379,7 +380,7 @@ async def _recorded_since(hub: SessionHub, after: int, wanted: list[SpeechInterr
     bare = [msgspec.structs.replace(w, seq=0, ts=0) for w in wanted]
     found: set[int] = set()
     while len(found) < len(bare):
-        page = await hub.store.read(hub.session_id, after, 1000)
+        page = await hub.store.read(hub.session_id, after, READ_PAGE)
         for rec in page:
             if b'"speech-interrupted"' not in rec.data:
                 continue  # most of the log is chunks: not decoded
@@ -387,7 +388,7 @@ async def _recorded_since(hub: SessionHub, after: int, wanted: list[SpeechInterr
             if isinstance(ev, SpeechInterrupted):
                 same = msgspec.structs.replace(ev, seq=0, ts=0)
                 found.update(i for i, w in enumerate(bare) if w == same)
-        if len(page) < 1000:
+        if len(page) < READ_PAGE:
             break
         after = page[-1].seq
     return found
