@@ -299,6 +299,39 @@ def machine_busy_s() -> tuple[float, float]:
     return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
 
 
+def wake_round_trip_us(rounds: int = 5000) -> float:
+    """Median µs for one byte to go to another process over a pipe and back:
+    two cross-process wake-ups. Every hop of a fan-out (worker → Redis →
+    gateway → client) pays one; on a VM its cost varies a lot from host to
+    host (seen here: a median of 54 µs on one day's machine; a few µs on bare metal),
+    so it is printed with the figures it shapes."""
+    from_parent, to_child = os.pipe()
+    from_child, to_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the echo
+        try:
+            os.close(to_child)  # (else its own write end keeps the parent's close from ending the loop)
+            os.close(from_child)
+            while os.read(from_parent, 1):
+                os.write(to_parent, b"x")
+        finally:
+            os._exit(0)
+    os.close(from_parent)
+    os.close(to_parent)
+    times = array("d")
+    try:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            os.write(to_child, b"x")
+            os.read(from_child, 1)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(to_child)
+        os.close(from_child)
+        os.waitpid(pid, 0)
+    return round(sorted(times)[len(times) // 2] * 1e6, 1)
+
+
 def redis_commands(url: str) -> dict[str, tuple[int, int]]:
     """INFO commandstats: calls and total µs per command so far."""
     import redis
@@ -526,6 +559,7 @@ def measure(system: str, s: Settings) -> dict[str, Any]:
     else:
         raise ValueError(f"--loadgen {s.loadgen!r}: c or python")
     busy_before = wait_quiet(max_wait_s=s.wait_quiet_s) if s.wait_quiet_s else None
+    wake_us = wake_round_trip_us()
     with cluster(s.keep_logs) as c:
         if system == "pubsub-relay":
             procs, gateway, ws_url, redis_url = _start_relay(c, s)
@@ -587,6 +621,7 @@ def measure(system: str, s: Settings) -> dict[str, Any]:
         cpu["others"] = round(cpu["machine"] - sum(v for k, v in cpu.items() if k != "machine"), 1)
         summary = _summary(system, s, results, cpu, rss)
         summary["machine_busy_cores_before"] = busy_before
+        summary["wake_round_trip_us"] = wake_us
         # Appends a worker lost its session's lease for (a starved worker stops renewing in time).
         summary["fenced_appends"] = sum(p.tail(None).count("append refused") for p in procs
                                         if p.name.startswith("worker"))
@@ -674,6 +709,10 @@ def table(results: list[dict[str, Any]], title: str = "fanout") -> None:
                 [[r["system"], r["sessions"], cmd, v["per_s"], v["us_per_call"], v["cpu_percent"]]
                  for r in results for cmd, v in list(r["redis_commands"].items())[:3]])
     names = sorted({n for r in results for n in r["cpu_percent"]})
+    wakes = sorted({r["wake_round_trip_us"] for r in results if r.get("wake_round_trip_us") is not None})
+    if wakes:
+        print(f"\n{title}: this box's cross-process wake-up round trip (pipe ping-pong, median before each run):"
+              f" {', '.join(f'{w} µs' for w in wakes)}")
     print_table(f"{title}: CPU % of each process over the window (2 cores = 200 %; others = the rest of the box)",
                 ["system", "sessions", *names, "producer µs/token", "loadgen µs/event"],
                 [[r["system"], r["sessions"], *(r["cpu_percent"].get(n, "—") for n in names),
