@@ -123,7 +123,7 @@ async def test_a_write_round_and_the_reader_span_every_node(logs) -> None:
         # A news connection per primary, each subscribed to the streams its node owns.
         assert set(gateway._links) == set(gateway._slot_addr)
         for addr, link in gateway._links.items():
-            assert link.channels == {gateway.key(s, "log").encode() for s in sessions
+            assert link.channels == {gateway.key(s, "news").encode() for s in sessions
                                      if gateway._slot_addr[session_slot(gateway, s)] == addr}
 
 

@@ -31,8 +31,8 @@ from turnline.client import View
 from turnline.client.view import GapError
 from turnline.core.session import InvariantError, Session
 from turnline.protocol import ChunkEvent, Compacted, Presence, TurnEnd, TurnStart, user_message
-from turnline.store.base import Record
-from turnline.store.redis import Fenced, RedisEventLog, StoreConflict
+from turnline.store.base import Record, stamp
+from turnline.store.redis import NEWS_RECORDS_MAX, Fenced, RedisEventLog, StoreConflict
 from turnline.store import StoreError
 
 from redis_server import _free_port, start_server
@@ -273,11 +273,130 @@ async def test_news_of_a_write_reaches_the_reader_at_once(logs) -> None:
         await fb.aclose()
 
 
+@contextlib.asynccontextmanager
+async def news_heard(raw: Any, log: RedisEventLog, session: str) -> AsyncIterator[list[bytes]]:
+    """The payloads published on ``session``'s news channel meanwhile."""
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(log.key(session, "news"))
+
+    async def until_a(kind: str) -> None:
+        async with asyncio.timeout(WAIT):
+            while True:
+                msg = await pubsub.get_message(timeout=WAIT)
+                if msg is None:
+                    continue
+                if msg["type"] == kind:
+                    return
+                if msg["type"] == "message":
+                    heard.append(msg["data"])
+
+    heard: list[bytes] = []
+    try:
+        await until_a("subscribe")
+        yield heard
+        # The PONG comes after every message published before the PING.
+        await pubsub.ping()
+        await until_a("pong")
+    finally:
+        await pubsub.aclose()
+
+
+async def reads_of_the_stream(log: RedisEventLog) -> list[list[str]]:
+    """Record the sessions of each stream read the reader makes from now on."""
+    calls: list[list[str]] = []
+    read_news = log._read_news
+
+    async def counted(news: list[str]) -> None:
+        calls.append(list(news))
+        await read_news(news)
+
+    log._read_news = counted  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_writes_news_carries_its_records_and_they_reach_the_follower_without_a_read(logs, raw) -> None:
+    gateway, worker = await logs(sweep_ms=600_000), await logs()
+    follower = gateway.follow("s", after=0)
+    first = asyncio.ensure_future(anext(follower))
+    try:
+        async with asyncio.timeout(WAIT):
+            await gateway.feed_synced("s")
+        reads = await reads_of_the_stream(gateway)
+        async with news_heard(raw, worker, "s") as heard:
+            records = await worker.append("s", [ev("1"), ev("2")])
+            async with asyncio.timeout(WAIT):
+                got = await first
+            got += await collect(follower, 2) if got[-1].seq < 2 else []
+        assert tags(got) == [(1, "1"), (2, "2")]
+        assert got == records  # the bytes written, as written
+        assert heard == [b"1\n" + records[0].data + b"\n" + records[1].data]
+        assert reads == []
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await follower.aclose()
+
+
+async def test_news_of_a_write_too_big_to_carry_names_its_last_seq_and_the_reader_reads_it(logs, raw) -> None:
+    gateway, worker = await logs(sweep_ms=600_000), await logs()
+    big = "x" * (NEWS_RECORDS_MAX + 1)
+    follower = gateway.follow("s", after=0)
+    first = asyncio.ensure_future(anext(follower))
+    try:
+        async with asyncio.timeout(WAIT):
+            await gateway.feed_synced("s")
+        reads = await reads_of_the_stream(gateway)
+        async with news_heard(raw, worker, "s") as heard:
+            await worker.append("s", [ev("1"), ev(big)])
+            async with asyncio.timeout(WAIT):
+                got = await first
+            got += await collect(follower, 2) if got[-1].seq < 2 else []
+        assert tags(got) == [(1, "1"), (2, big)]
+        assert heard == [b"2"]
+        assert reads == [["s"]]
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await follower.aclose()
+
+
+async def test_records_news_carries_past_a_gap_are_not_delivered_the_stream_is_read(
+        logs, raw, caplog: pytest.LogCaptureFixture) -> None:
+    """Seq 2 was written but its news never arrived (a dropped news
+    connection): the news of seq 3 must not be delivered after seq 1."""
+    gateway, worker = await logs(sweep_ms=600_000), await logs()
+    follower = gateway.follow("s", after=0)
+    first = asyncio.ensure_future(anext(follower))
+    try:
+        async with asyncio.timeout(WAIT):
+            await gateway.feed_synced("s")
+        await worker.append("s", [ev("1")])
+        async with asyncio.timeout(WAIT):
+            assert tags(await first) == [(1, "1")]
+        # Seqs 2 and 3 as the script writes them, but only 3 announced.
+        missed, announced = stamp([ev("2"), ev("3")], 2)
+        for r in (missed, announced):
+            await raw.xadd(worker.key("s", "log"), {"d": r.data}, id=f"{r.seq}-0")
+        await raw.set(worker.key("s", "seq"), 3)
+        await raw.publish(worker.key("s", "news"), b"3\n" + announced.data)
+        assert tags(await collect(follower, 3)) == [(2, "2"), (3, "3")]
+        # News the reader cannot parse is a hint to read too, not a crash of its news connection.
+        await worker.append("s", [ev("4")])
+        await raw.publish(worker.key("s", "news"), b"not ours")
+        await worker.append("s", [ev("5")])
+        assert tags(await collect(follower, 5)) == [(4, "4"), (5, "5")]
+        assert not [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await follower.aclose()
+
+
 async def test_a_session_is_read_from_its_last_seq_only_once_its_news_is_subscribed(logs) -> None:
     """Else a write between the look at the last seq and the SUBSCRIBE would be
     announced to nobody: the follower would miss it until the next sweep."""
     gateway = await logs(sweep_ms=600_000)
-    key = gateway.key("s", "log").encode()
+    key = gateway.key("s", "news").encode()
     unconfirmed_at_mget: list[bool] = []
     mget = gateway._redis.mget
 

@@ -41,16 +41,20 @@ record covering it, so the seqs a reader sees stay contiguous.
 
 Following. ``follow`` is the base class's (catch-up from ``read``, then the live
 feed, gapless at the seam). The live feed is fed by ONE reader per instance. A
-write announces itself: the append script ``PUBLISH``es the session's last seq
-on a channel named like its stream. The reader subscribes (on its own
-connection, parsed in bulk) to the channels of the sessions that have a local
-follower, and reads with a non-blocking ``XREAD COUNT STREAMS …`` only the
-streams it heard news of, so its cost follows the traffic, not the number of
-sessions followed. A new session is started at its last seq only once Redis
+write announces itself: the append script ``PUBLISH``es its news on the
+session's channel ``{prefix}:{<session>}:news``: its records (up to
+``NEWS_RECORDS_MAX`` bytes), or else its last seq. The reader subscribes (on
+its own connection, parsed in bulk) to the channels of the sessions that have
+a local follower. Records in the news that continue the session's cursor go
+to the feed at once, with no read; for news of a last seq only, of a session
+not started yet, or past a gap (news lost with a connection), the reader
+reads with a non-blocking ``XREAD COUNT STREAMS …`` only the streams
+concerned, so its cost follows the traffic, not the number of sessions
+followed. A new session is started at its last seq only once Redis
 confirmed the SUBSCRIBE (a write in between would otherwise be announced to
 nobody), and its followers then re-read the log once (:meth:`_Listener.resync`),
 which closes the window between their catch-up read and that start. Pub/sub is
-only a hint: when the news connection drops, the reader reads every followed
+only a fast path: when the news connection drops, the reader reads every followed
 stream once it is back, and it also does so every ``sweep_ms`` regardless.
 Appends made by this instance are also published to local followers directly
 when they continue what the feed delivered (less latency; the reader then
@@ -119,22 +123,28 @@ XREAD_COUNT = 1000  # entries per stream per XREAD
 CONFLICT_RETRIES = 100  # also bounds how often one append is redirected (cluster)
 REDIRECT_PAUSE_S = 0.05  # before retrying a call a cluster answered TRYAGAIN or CLUSTERDOWN
 REGISTERED_MAX = 100_000  # sessions remembered as being in the sessions set
+# A write's news carries its records when they take at most this many bytes
+# (else only its last seq: the readers read the stream, and a big turn-end
+# does not sit in every gateway's pub/sub buffer).
+NEWS_RECORDS_MAX = 64 * 1024
 _tuple_new = tuple.__new__
 
 # One call appends for any number of sessions, each atomically and on its own.
 # KEYS: per session: log, seq, lease, ended.
-# ARGV: per session: fence ("" = none), first seq, n, m, then n event JSONs and
-# m (score, member) pairs for :ended.
+# ARGV: per session: fence ("" = none), first seq, n, m, carry ("1": the news
+# carries the records), then n event JSONs and m (score, member) pairs for :ended.
 # Returns per session: status (0 written, 1 seq conflict, 2 fenced), last seq.
-# A write is announced on the pub/sub channel named like the stream (payload:
-# the last seq), which is how readers learn which streams to read.
+# A write is announced on the session's news channel ({prefix}:{<session>}:news):
+# "<first seq>\n<JSON>\n<JSON>…" (the records: event JSON holds no raw
+# newline), or "<last seq>" alone; that is how readers learn what to deliver.
 _APPEND_LUA = """
 local out = {}
 local a = 1
 for k = 1, #KEYS, 4 do
   local fence, first = ARGV[a], tonumber(ARGV[a + 1])
   local n, m = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local base = a + 4
+  local carry = ARGV[a + 4] == '1'
+  local base = a + 5
   a = base + n + 2 * m
   local last = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
   if fence ~= '' and redis.call('GET', KEYS[k + 2]) ~= fence then
@@ -150,7 +160,12 @@ for k = 1, #KEYS, 4 do
     for j = base + n, a - 1, 2 do
       redis.call('ZADD', KEYS[k + 3], ARGV[j], ARGV[j + 1])
     end
-    redis.call('PUBLISH', KEYS[k], last)
+    local channel = string.sub(KEYS[k], 1, -4) .. 'news'
+    if carry then
+      redis.call('PUBLISH', channel, string.format('%d', first) .. '\\n' .. table.concat(ARGV, '\\n', base, base + n - 1))
+    else
+      redis.call('PUBLISH', channel, last)
+    end
     out[#out + 1] = 0
   end
   out[#out + 1] = last
@@ -379,8 +394,8 @@ class _NewsLink:
             kind = msg[0]
             if kind == b"message" or kind == b"smessage":
                 session = sessions.get(msg[1])
-                if session is not None and int(msg[2]) > cursor.get(session, -1):
-                    news.add(session)
+                if session is not None:
+                    self._news_of(session, msg[2], cursor, news)
             elif kind == b"subscribe" or kind == b"ssubscribe":
                 channel = msg[1]
                 left = self.unacked.get(channel, 0) - 1
@@ -403,6 +418,29 @@ class _NewsLink:
                     store._followers_changed = True
         if news or store._followers_changed:
             store._stirred.set()
+
+    def _news_of(self, session: str, payload: bytes, cursor: dict[str, int], news: set[str]) -> None:
+        """Deliver the records a write's news carries when they continue what
+        the feed delivered; else (news of the last seq only, a session not
+        started yet, or a gap: news lost with a connection) the reader reads
+        the stream."""
+        last = cursor.get(session)
+        head = payload.find(b"\n")
+        try:
+            first = int(payload[:head] if head >= 0 else payload)
+        except ValueError:  # not ours (someone else published on the channel): read the stream
+            first = None
+        if first is None or last is None or first > last + 1 or head < 0:
+            if first is None or last is None or first > last:  # (news of the last seq: is it new?)
+                news.add(session)
+            return
+        data = payload[head + 1:].split(b"\n")
+        if first + len(data) - 1 <= last:  # published by our own append already, or read meanwhile
+            return
+        skip = last + 1 - first
+        records = [_tuple_new(Record, (first + i, d)) for i, d in enumerate(data[skip:], skip)]
+        cursor[session] = records[-1].seq
+        self.store.feed.publish(session, records)
 
     def _refused(self, error: Exception) -> None:
         """The reply does not say which channel was refused: every one not yet
@@ -541,7 +579,8 @@ class RedisEventLog(EventLog):
         # reader
         self._cursor: dict[str, int] = {}  # per followed session: the last seq handed to the feed
         self._log_keys: dict[str, bytes] = {}  # followed (or being subscribed) session -> its stream key
-        self._key_sessions: dict[bytes, str] = {}  # and back (a stream key is also its news channel)
+        self._channels: dict[str, bytes] = {}  # followed (or being subscribed) session -> its news channel
+        self._key_sessions: dict[bytes, str] = {}  # stream keys and news channels -> their session
         self._key_resp: dict[str, bytes] = {}  # followed session -> its stream key in RESP
         self._write_keys: dict[str, bytes] = {}  # session -> its four keys in RESP, as the script takes them
         self._session_link: dict[str, _NewsLink] = {}  # followed session -> the link its news comes on
@@ -1004,12 +1043,14 @@ class RedisEventLog(EventLog):
             records = g.records
             ended = [(ev.ts, f"{ev.seq}:{ev.turn_id}") for item in g.items for ev in item.events
                      if type(ev) is TurnEnd]
+            data = [r.data for r in records]
+            carry = sum(map(len, data)) <= NEWS_RECORDS_MAX and not any(b"\n" in d for d in data)
             body += (_bulk(g.fence.encode() if g.fence else b""), _bulk(b"%d" % records[0].seq),
-                     _bulk(b"%d" % len(records)), _bulk(b"%d" % len(ended)))
-            body += [_bulk(r.data) for r in records]
+                     _bulk(b"%d" % len(records)), _bulk(b"%d" % len(ended)), b"$1\r\n1\r\n" if carry else b"$1\r\n0\r\n")
+            body += [_bulk(d) for d in data]
             for score, member in ended:
                 body += (_bulk(b"%d" % score), _bulk(member.encode()))
-            count += 4 + 4 + len(records) + 2 * len(ended)
+            count += 4 + 5 + len(records) + 2 * len(ended)
         return b"*%d\r\n%b%b%b" % (count, self._evalsha_resp, _bulk(b"%d" % (4 * len(groups))), b"".join(body))
 
     @staticmethod
@@ -1198,9 +1239,10 @@ class RedisEventLog(EventLog):
                 self._key_resp.pop(s, None)
                 self._news.discard(s)
                 self._rehome.discard(s)
-                key = self._log_keys.pop(s)
-                del self._key_sessions[key]
-                unsubscribe.setdefault(self._session_link.pop(s), []).append(key)
+                del self._key_sessions[self._log_keys.pop(s)]
+                channel = self._channels.pop(s)
+                del self._key_sessions[channel]
+                unsubscribe.setdefault(self._session_link.pop(s), []).append(channel)
             for link, channels in unsubscribe.items():
                 await link.unsubscribe(channels)
         while True:
@@ -1212,7 +1254,7 @@ class RedisEventLog(EventLog):
             await self._subscribe(new + moved)
             # (a SUBSCRIBE lost with a news connection is sent again by its reconnect)
             waits = [fut for s in new + moved
-                     if (fut := self._session_link[s].acked.get(self._log_keys[s])) is not None]
+                     if (fut := self._session_link[s].acked.get(self._channels[s])) is not None]
             if waits:
                 done, pending = await asyncio.wait(waits, timeout=self.sweep_s)
                 if pending or any(fut.exception() for fut in done):
@@ -1256,14 +1298,17 @@ class RedisEventLog(EventLog):
             if key is None:
                 key = self._log_keys[s] = self.key(s, "log").encode()
                 self._key_sessions[key] = s
+                channel = self._channels[s] = self.key(s, "news").encode()
+                self._key_sessions[channel] = s
+            channel = self._channels[s]
             link = self._link(self._addr_of(key))
             old = self._session_link.get(s)
-            if old is link and key in link.channels:
+            if old is link and channel in link.channels:
                 continue
-            if old is not None and old is not link and key in old.channels:
-                unsubscribe.setdefault(old, []).append(key)
+            if old is not None and old is not link and channel in old.channels:
+                unsubscribe.setdefault(old, []).append(channel)
             self._session_link[s] = link
-            subscribe.setdefault(link, []).append(key)
+            subscribe.setdefault(link, []).append(channel)
         for link, channels in unsubscribe.items():
             await link.unsubscribe(channels)
         for link, channels in subscribe.items():
