@@ -167,6 +167,38 @@ async def test_concurrent_appends_complete_and_publish_in_call_order(store: Even
         store.feed.unsubscribe("s", listener)
 
 
+async def test_append_then_hands_each_outcome_once_and_writes_in_call_order(store: EventLog) -> None:
+    """What a streaming hub uses: the records, or the error, by callback."""
+    outcomes: list[tuple[str, list[int] | None, str | None]] = []
+    finished = asyncio.Event()
+
+    def done(name: str, records: list[Record] | None, error: BaseException | None) -> None:
+        outcomes.append((name, None if records is None else seqs(records), type(error).__name__ if error else None))
+        if len(outcomes) == 4:
+            finished.set()
+
+    store.append_then("s", [ev("1"), ev("2")], lambda r, e: done("a", r, e))
+    store.append_then("s", [], lambda r, e: done("empty", r, e))
+    store.append_then("s", [ev("3")], lambda r, e: done("b", r, e))
+    # Numbered at a seq the log is past: a shared store refuses it (a local one
+    # has a single writer, and numbers what it is given).
+    stale = ev("x")
+    stale.seq = 1
+    store.append_then("s", [stale], lambda r, e: done("stale", r, e))
+    async with asyncio.timeout(WAIT):
+        await finished.wait()
+    assert ("empty", [], None) in outcomes
+    writes = [o for o in outcomes if o[0] != "empty"]
+    assert writes[:2] == [("a", [1, 2], None), ("b", [3], None)]
+    if isinstance(store, RedisEventLog):
+        assert writes[2] == ("stale", None, "StoreConflict")
+        assert seqs(await store.read("s")) == [1, 2, 3]
+    else:
+        assert writes[2] == ("stale", [4], None)
+    await store.append("s", [ev("after")])  # a later round: no outcome is handed twice
+    assert len(outcomes) == 4
+
+
 async def test_ts_is_set_when_zero_and_kept_otherwise(store: EventLog) -> None:
     fresh, given = ev("fresh"), ev("given")
     given.ts = 1234

@@ -152,7 +152,7 @@ class SessionHub:
             if applied and not self._flushing:
                 self._flushing = True
                 # On the next loop turn, so that what else this turn emits goes in the same append.
-                asyncio.get_running_loop().call_soon(self._flush)
+                self.runtime._flush_soon(self)
 
     def _flush(self) -> None:
         """Hand the outbox to the store; what is emitted meanwhile goes once it is stored."""
@@ -161,27 +161,25 @@ class SessionHub:
             return
         batch, self._outbox = self._outbox, []
         try:
-            stored = self.store.append_soon(self.session_id, batch, fence=self.fence)
+            self.store.append_then(self.session_id, batch, functools.partial(self._stored, batch[0].seq),
+                                   fence=self.fence)
         except BaseException as exc:
             self._store_failed(exc)
-            return
-        stored.add_done_callback(functools.partial(self._stored, batch[0].seq))
 
-    def _stored(self, first: int, stored: asyncio.Future[list[Record]]) -> None:
-        try:
-            records = stored.result()
-            if records[0].seq != first:
-                raise InvariantError(f"store assigned seq {records[0].seq}, expected {first}: another writer?")
-        except BaseException as exc:
-            self._store_failed(exc)
+    def _stored(self, first: int, records: list[Record] | None, error: BaseException | None) -> None:
+        if records is not None and records[0].seq != first:
+            error = InvariantError(f"store assigned seq {records[0].seq}, expected {first}: another writer?")
+        if error is not None:
+            self._store_failed(error)
             return
         self.metrics.events_appended.inc(len(records))
-        last = records[-1].seq
-        ready = [f for s, f in self._waiters if s <= last]
-        self._waiters = [(s, f) for s, f in self._waiters if s > last]
-        for f in ready:
-            if not f.done():
-                f.set_result(None)
+        if self._waiters:
+            last = records[-1].seq
+            ready = [f for s, f in self._waiters if s <= last]
+            self._waiters = [(s, f) for s, f in self._waiters if s > last]
+            for f in ready:
+                if not f.done():
+                    f.set_result(None)
         if self._drained is not None and len(self._outbox) < self.runtime.config.max_outbox:
             self._drained.set_result(None)
             self._drained = None
@@ -650,6 +648,20 @@ class Runtime:
         self._hubs: dict[str, SessionHub] = {}
         self._loading: dict[str, asyncio.Future[SessionHub]] = {}
         self._sweeper: asyncio.Future[None] | None = None
+        self._to_flush: list[SessionHub] = []
+
+    def _flush_soon(self, hub: SessionHub) -> None:
+        """``hub._flush()`` on the next loop turn: one callback for every hub
+        that emitted in this one (a streaming worker's hubs each emit a chunk
+        per turn of its loop; a callback each cost more than their flushes)."""
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._to_flush.append(hub)
+
+    def _flush_all(self) -> None:
+        hubs, self._to_flush = self._to_flush, []
+        for hub in hubs:
+            hub._flush()
 
     async def hub(self, session_id: str, *, fence: str | None = None) -> SessionHub:
         """The session's hub, loaded on first use (replaying the log and

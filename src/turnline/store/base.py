@@ -41,6 +41,9 @@ class StoreError(Exception):
     pass
 
 
+AppendDone = Callable[[list[Record] | None, BaseException | None], None]
+
+
 def stamp(events: Sequence[AnyEvent], first_seq: int) -> list[Record]:
     """Give events their seq (and ts) and encode each once."""
     ts = now_ms()
@@ -143,6 +146,23 @@ class EventLog(ABC):
         own writer batches appends hands out that writer's future, which saves
         a writer of many small appends (a streaming turn) a task for each."""
         return asyncio.ensure_future(self.append(session, events, fence=fence))
+
+    def append_then(self, session: str, events: Sequence[AnyEvent], done: AppendDone, *,
+                    fence: str | None = None) -> None:
+        """``append_soon``, its outcome handed to ``done(records, None)`` or
+        ``done(None, error)``, once, instead of a future (a store whose writer
+        batches calls it from there, without a future and a loop callback per
+        append). ``done`` must not raise. What ``append_soon`` raises at once
+        is raised here."""
+        def settle(fut: asyncio.Future[list[Record]]) -> None:
+            if fut.cancelled():
+                done(None, asyncio.CancelledError())
+            elif (error := fut.exception()) is not None:
+                done(None, error)
+            else:
+                done(fut.result(), None)
+
+        self.append_soon(session, events, fence=fence).add_done_callback(settle)
 
     @abstractmethod
     async def read(self, session: str, after: int = 0, limit: int | None = None) -> list[Record]: ...

@@ -103,7 +103,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 from ..protocol import AnyEvent, Compacted, TurnEnd, encode
-from .base import EventLog, LiveFeed, Record, StoreError, _Listener, stamp
+from .base import AppendDone, EventLog, LiveFeed, Record, StoreError, _Listener, stamp
 
 try:
     import redis.asyncio as aioredis
@@ -229,19 +229,36 @@ _head_decoder = msgspec.json.Decoder(_Head)
 
 
 class _Append:
-    __slots__ = ("order", "session", "events", "fence", "numbered", "future", "records", "retries", "ask")
+    __slots__ = ("order", "session", "events", "fence", "numbered", "future", "done", "records", "retries", "ask")
 
     def __init__(self, order: int, session: str, events: list[AnyEvent], fence: str | None,
-                 future: asyncio.Future[list[Record]]):
+                 future: asyncio.Future[list[Record]] | None, done: AppendDone | None = None):
         self.order = order  # call order: acknowledgements follow it
         self.session = session
         self.events = events
         self.fence = fence
         self.numbered = events[0].seq != 0  # the caller gave the seqs
-        self.future = future
+        self.future = future  # the caller's: append_soon
+        self.done = done  # or its callback: append_then
         self.records: list[Record] = []
         self.retries = 0
         self.ask: str | None = None  # (cluster) the node an ASK redirected this append to
+
+    def settle(self, error: BaseException | None = None) -> None:
+        """Hand the caller its records (or ``error``), once."""
+        done = self.done
+        if done is not None:
+            self.done = None
+            try:
+                done(None, error) if error is not None else done(self.records, None)
+            except Exception:
+                log.exception("an append's callback failed")
+        elif self.future is not None and not self.future.done():
+            if error is None:
+                self.future.set_result(self.records)
+            else:
+                self.future.set_exception(error)
+                self.future.exception()  # a cancelled caller never retrieves it
 
 
 class _Group:
@@ -761,18 +778,29 @@ class RedisEventLog(EventLog):
 
     def append_soon(self, session: str, events: Sequence[AnyEvent], *,
                     fence: str | None = None) -> asyncio.Future[list[Record]]:
-        self._check_open()
         future: asyncio.Future[list[Record]] = self._loop.create_future()  # type: ignore[union-attr]
-        if not events:
-            future.set_result([])
-            return future
+        self._enqueue(session, events, fence, future, None)
+        return future
+
+    def append_then(self, session: str, events: Sequence[AnyEvent], done: AppendDone, *,
+                    fence: str | None = None) -> None:
+        self._enqueue(session, events, fence, None, done)
+
+    def _enqueue(self, session: str, events: Sequence[AnyEvent], fence: str | None,
+                 future: asyncio.Future[list[Record]] | None, done: AppendDone | None) -> None:
+        self._check_open()
+        if not events:  # nothing to write: stored
+            if done is not None:
+                done([], None)
+            else:
+                future.set_result([])  # type: ignore[union-attr]
+            return
         events = list(events)
         if len(events) > 1 and events[0].seq != 0 and any(ev.seq != events[0].seq + i for i, ev in enumerate(events)):
             raise StoreError("events given with seqs must carry consecutive seqs")
         self._calls += 1
-        self._queue.append(_Append(self._calls, session, events, fence, future))
+        self._queue.append(_Append(self._calls, session, events, fence, future, done))
         self._queued.set()
-        return future
 
     async def _run_writer(self) -> None:
         while True:
@@ -911,8 +939,7 @@ class RedisEventLog(EventLog):
                     self._settle(call.groups, outcome, replicated, written, retry)
         written.sort(key=lambda item: item.order)
         for item in written:
-            if not item.future.done():
-                item.future.set_result(item.records)
+            item.settle()
         # Once per node, and after the written appends are acknowledged: a
         # load that fails leaves its calls to fail or succeed on their retry.
         for addr in unloaded:
@@ -1057,9 +1084,7 @@ class RedisEventLog(EventLog):
     def _fail(groups: list[_Group], error: StoreError) -> None:
         for g in groups:
             for item in g.items:
-                if not item.future.done():
-                    item.future.set_exception(error)
-                    item.future.exception()  # a cancelled caller never retrieves it
+                item.settle(error)
 
     def _publish_own(self, session: str, records: list[Record]) -> None:
         # Our own commit continues what the feed delivered: hand it to local
