@@ -156,7 +156,7 @@ class SessionHub:
 
     def _flush(self) -> None:
         """Hand the outbox to the store; what is emitted meanwhile goes once it is stored."""
-        if self.broken is not None:
+        if self.broken is not None or not self._outbox:
             self._flushing = False
             return
         batch, self._outbox = self._outbox, []
@@ -184,7 +184,9 @@ class SessionHub:
             self._drained.set_result(None)
             self._drained = None
         if self._outbox:
-            self._flush()
+            # On the next loop turn, as a first flush: a store may call this from
+            # inside its write round, and what the hub emits meanwhile joins it.
+            self.runtime._flush_soon(self)
         else:
             self._flushing = False
 
