@@ -274,6 +274,22 @@ async def test_news_of_a_write_reaches_the_reader_at_once(logs) -> None:
 
 
 @contextlib.asynccontextmanager
+async def synced_follower(log: RedisEventLog, session: str) -> AsyncIterator[tuple[Any, asyncio.Future[Any]]]:
+    """Follow ``session`` from its start, its first batch awaited in a task;
+    yields once the reader follows it (so only news can bring what comes next)."""
+    follower = log.follow(session, after=0)
+    first = asyncio.ensure_future(anext(follower))
+    try:
+        async with asyncio.timeout(WAIT):
+            await log.feed_synced(session)
+        yield follower, first
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await follower.aclose()
+
+
+@contextlib.asynccontextmanager
 async def news_heard(raw: Any, log: RedisEventLog, session: str) -> AsyncIterator[list[bytes]]:
     """The payloads published on ``session``'s news channel meanwhile."""
     pubsub = raw.pubsub()
@@ -316,48 +332,32 @@ async def reads_of_the_stream(log: RedisEventLog) -> list[list[str]]:
 
 async def test_a_writes_news_carries_its_records_and_they_reach_the_follower_without_a_read(logs, raw) -> None:
     gateway, worker = await logs(sweep_ms=600_000), await logs()
-    follower = gateway.follow("s", after=0)
-    first = asyncio.ensure_future(anext(follower))
-    try:
-        async with asyncio.timeout(WAIT):
-            await gateway.feed_synced("s")
+    async with synced_follower(gateway, "s") as (follower, first):
         reads = await reads_of_the_stream(gateway)
         async with news_heard(raw, worker, "s") as heard:
             records = await worker.append("s", [ev("1"), ev("2")])
             async with asyncio.timeout(WAIT):
                 got = await first
             got += await collect(follower, 2) if got[-1].seq < 2 else []
-        assert tags(got) == [(1, "1"), (2, "2")]
-        assert got == records  # the bytes written, as written
-        assert heard == [b"1\n" + records[0].data + b"\n" + records[1].data]
-        assert reads == []
-    finally:
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        await follower.aclose()
+    assert tags(got) == [(1, "1"), (2, "2")]
+    assert got == records  # the bytes written, as written
+    assert heard == [b"1\n" + records[0].data + b"\n" + records[1].data]
+    assert reads == []
 
 
 async def test_news_of_a_write_too_big_to_carry_names_its_last_seq_and_the_reader_reads_it(logs, raw) -> None:
     gateway, worker = await logs(sweep_ms=600_000), await logs()
     big = "x" * (NEWS_RECORDS_MAX + 1)
-    follower = gateway.follow("s", after=0)
-    first = asyncio.ensure_future(anext(follower))
-    try:
-        async with asyncio.timeout(WAIT):
-            await gateway.feed_synced("s")
+    async with synced_follower(gateway, "s") as (follower, first):
         reads = await reads_of_the_stream(gateway)
         async with news_heard(raw, worker, "s") as heard:
             await worker.append("s", [ev("1"), ev(big)])
             async with asyncio.timeout(WAIT):
                 got = await first
             got += await collect(follower, 2) if got[-1].seq < 2 else []
-        assert tags(got) == [(1, "1"), (2, big)]
-        assert heard == [b"2"]
-        assert reads == [["s"]]
-    finally:
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        await follower.aclose()
+    assert tags(got) == [(1, "1"), (2, big)]
+    assert heard == [b"2"]
+    assert reads == [["s"]]
 
 
 async def test_records_news_carries_past_a_gap_are_not_delivered_the_stream_is_read(
@@ -365,11 +365,7 @@ async def test_records_news_carries_past_a_gap_are_not_delivered_the_stream_is_r
     """Seq 2 was written but its news never arrived (a dropped news
     connection): the news of seq 3 must not be delivered after seq 1."""
     gateway, worker = await logs(sweep_ms=600_000), await logs()
-    follower = gateway.follow("s", after=0)
-    first = asyncio.ensure_future(anext(follower))
-    try:
-        async with asyncio.timeout(WAIT):
-            await gateway.feed_synced("s")
+    async with synced_follower(gateway, "s") as (follower, first):
         await worker.append("s", [ev("1")])
         async with asyncio.timeout(WAIT):
             assert tags(await first) == [(1, "1")]
@@ -386,10 +382,6 @@ async def test_records_news_carries_past_a_gap_are_not_delivered_the_stream_is_r
         await worker.append("s", [ev("5")])
         assert tags(await collect(follower, 5)) == [(4, "4"), (5, "5")]
         assert not [r for r in caplog.records if "reconnecting" in r.getMessage()]
-    finally:
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        await follower.aclose()
 
 
 async def test_a_session_is_read_from_its_last_seq_only_once_its_news_is_subscribed(logs) -> None:
