@@ -127,6 +127,7 @@ REGISTERED_MAX = 100_000  # sessions remembered as being in the sessions set
 # (else only its last seq: the readers read the stream, and a big turn-end
 # does not sit in every gateway's pub/sub buffer).
 NEWS_RECORDS_MAX = 64 * 1024
+_CARRY, _NO_CARRY = b"$1\r\n1\r\n", b"$1\r\n0\r\n"  # the script's carry flag, in RESP
 _tuple_new = tuple.__new__
 
 # One call appends for any number of sessions, each atomically and on its own.
@@ -162,7 +163,8 @@ for k = 1, #KEYS, 4 do
     end
     local channel = string.sub(KEYS[k], 1, -4) .. 'news'
     if carry then
-      redis.call('PUBLISH', channel, string.format('%d', first) .. '\\n' .. table.concat(ARGV, '\\n', base, base + n - 1))
+      local records = table.concat(ARGV, '\\n', base, base + n - 1)
+      redis.call('PUBLISH', channel, string.format('%d', first) .. '\\n' .. records)
     else
       redis.call('PUBLISH', channel, last)
     end
@@ -1073,7 +1075,7 @@ class RedisEventLog(EventLog):
             data = [r.data for r in records]
             carry = sum(map(len, data)) <= NEWS_RECORDS_MAX and not any(b"\n" in d for d in data)
             body += (_bulk(g.fence.encode() if g.fence else b""), _bulk(b"%d" % records[0].seq),
-                     _bulk(b"%d" % len(records)), _bulk(b"%d" % len(ended)), b"$1\r\n1\r\n" if carry else b"$1\r\n0\r\n")
+                     _bulk(b"%d" % len(records)), _bulk(b"%d" % len(ended)), _CARRY if carry else _NO_CARRY)
             body += [_bulk(d) for d in data]
             for score, member in ended:
                 body += (_bulk(b"%d" % score), _bulk(member.encode()))
