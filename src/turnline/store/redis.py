@@ -252,7 +252,10 @@ class _Append:
         if done is not None:
             self.done = None
             try:
-                done(None, error) if error is not None else done(self.records, None)
+                if error is None:
+                    done(self.records, None)
+                else:
+                    done(None, error)
             except Exception:
                 log.exception("an append's callback failed")
         elif self.future is not None and not self.future.done():
@@ -315,9 +318,9 @@ class _Node:
 class _NewsLink:
     """One pub/sub connection: to the single Redis, or to one cluster primary
     (sharded: a stream's news is announced on the node that owns its slot).
-    Each message names a stream that was written; confirmations of
-    (S)SUBSCRIBE release the reader, which waits for them before it reads a
-    stream it starts to follow."""
+    Each message is a write's news (its records, or its last seq);
+    confirmations of (S)SUBSCRIBE release the reader, which waits for them
+    before it reads a stream it starts to follow."""
 
     def __init__(self, store: RedisEventLog, addr: str, client: Any, sharded: bool):
         self.store = store
@@ -447,19 +450,16 @@ class _NewsLink:
         head = payload.find(b"\n")
         try:
             first = int(payload[:head] if head >= 0 else payload)
-        except ValueError:  # not ours (someone else published on the channel): read the stream
-            first = None
-        if first is None or last is None or first > last + 1 or head < 0:
-            if first is None or last is None or first > last:  # (news of the last seq: is it new?)
+        except ValueError:  # not ours (someone else published on the channel)
+            news.add(session)
+            return
+        if last is None or head < 0 or first > last + 1:
+            # Not started yet, news of a last seq only (new, or read already?), or a gap.
+            if last is None or first > last:
                 news.add(session)
             return
         data = payload[head + 1:].split(b"\n")
-        if first + len(data) - 1 <= last:  # published by our own append already, or read meanwhile
-            return
-        skip = last + 1 - first
-        records = [_tuple_new(Record, (first + i, d)) for i, d in enumerate(data[skip:], skip)]
-        cursor[session] = records[-1].seq
-        self.store.feed.publish(session, records)
+        self.store._hand_on(session, last, [_tuple_new(Record, (first + i, d)) for i, d in enumerate(data)])
 
     def _refused(self, error: Exception) -> None:
         """The reply does not say which channel was refused: every one not yet
@@ -1231,7 +1231,6 @@ class RedisEventLog(EventLog):
     def _deliver(self, reply: Any) -> None:
         cursor = self._cursor
         sessions = self._key_sessions
-        publish = self.feed.publish
         # RESP3 answers a map, RESP2 a list of [key, entries] pairs.
         for key, entries in (reply.items() if isinstance(reply, dict) else reply):
             session = sessions.get(key)
@@ -1240,13 +1239,18 @@ class RedisEventLog(EventLog):
                 continue
             if len(entries) >= XREAD_COUNT:
                 self._news.add(session)  # there may be more
-            records = [_tuple_new(Record, (int(eid[:-2]), fields[1])) for eid, fields in entries]
-            if records[0].seq <= last:  # some were published by our own append already
-                records = [r for r in records if r.seq > last]
-                if not records:
-                    continue
-            cursor[session] = records[-1].seq
-            publish(session, records)
+            self._hand_on(session, last, [_tuple_new(Record, (int(eid[:-2]), fields[1])) for eid, fields in entries])
+
+    def _hand_on(self, session: str, last: int, records: list[Record]) -> None:
+        """Give the feed ``records`` (consecutive, continuing or overlapping the
+        cursor ``last``) past the cursor: those up to it were handed on already
+        (by our own append, or by the other of the news and a read)."""
+        if records[0].seq <= last:
+            records = [r for r in records if r.seq > last]
+            if not records:
+                return
+        self._cursor[session] = records[-1].seq
+        self.feed.publish(session, records)
 
     async def _sync_followed(self) -> None:
         """Make the set the reader follows equal to the sessions with local
