@@ -135,7 +135,8 @@ _tuple_new = tuple.__new__
 # ARGV: per session: fence ("" = none), first seq, n, m, carry ("1": the news
 # carries the records), then n event JSONs and m (score, member) pairs for :ended.
 # Returns per session: status (0 written, 1 seq conflict, 2 fenced), last seq.
-# A write is announced on the session's news channel ({prefix}:{<session>}:news):
+# A write is announced on the session's news channel ({prefix}:{<session>}:news,
+# made from the log key's name: key() and the script change together):
 # "<first seq>\n<JSON>\n<JSON>…" (the records: event JSON holds no raw
 # newline), or "<last seq>" alone; that is how readers learn what to deliver.
 _APPEND_LUA = """
