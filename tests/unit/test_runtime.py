@@ -2,7 +2,7 @@
 MemoryEventLog, without sockets.
 
 Pinned: one abort per turn; the abort reaches the upstream (an async generator
-is closed before ``turn-end`` is appended, a sync generator is stopped at its
+is closed at once and the turn ends in the cancel's own write, a sync generator is stopped at its
 next ``yield`` and the turn ends without waiting for it); late chunks are
 dropped and counted; errors end the turn with ``error``; the ``on_cancel`` and
 ``on_abort`` hooks; ``async with turn``; pending cancels; the stop-vs-end race
@@ -198,7 +198,10 @@ async def test_hub_abort_twice_is_a_no_op(make_runtime) -> None:
 # ----------------------------------------------------------------- the abort reaches the model
 
 
-async def test_async_upstream_is_closed_before_turn_end(make_runtime) -> None:
+async def test_a_cancel_ends_the_turn_in_its_own_write_and_the_upstream_is_closed(make_runtime) -> None:
+    # With no on_abort hook, nothing the handler writes after its abort is
+    # kept, so the turn-end goes into the same write as the cancel-result: it
+    # does not wait for the handler to notice. The upstream is still closed.
     up = Upstream()
 
     async def respond(turn: Turn) -> None:
@@ -211,18 +214,23 @@ async def test_async_upstream_is_closed_before_turn_end(make_runtime) -> None:
     await until(lambda: up.yielded == ["Hello ", "world"] and "world" in str(hub.state.turns[tid].chunks))
     turn_obj = hub.turns[tid]
     result, fut = await hub.cancel("alice", OWN)
+    assert not hub.state.is_active(tid)  # ended by the cancel itself, before any loop turn
     await fut
     assert result.cancelled == [tid]
+    events = await settled(hub)
+    [cancel_result] = [e for e in events if isinstance(e, CancelResult)]
+    [end] = of_turn(events, tid, TurnEnd)
+    assert end.seq == cancel_result.seq + 2  # cancel-result, the abort marker, turn-end
     n_at_cancel = len(up.yielded)
     up.feed("after", "the", "cancel")  # the model keeps producing: nobody reads it
-    end = await wait_end(hub, tid)
+    await until(lambda: up.exit is not None, "the upstream to be closed")
     assert up.exit in ("CancelledError", "GeneratorExit")
-    assert up.closed_while_active is True  # closed before turn-end was appended
-    assert up.closed_at_seq is not None and up.closed_at_seq < end.seq
     assert len(up.yielded) - n_at_cancel <= 1 and turn_obj.upstream_after_abort <= 1
     assert end.reason == "cancelled"
     assert texts(end.message) == ["Hello world"]
     assert hub.turns.get(tid) is None
+    await until(lambda: tid not in hub._tasks, "the handler's task to finish")
+    assert not [e for e in await settled(hub) if e.seq > end.seq and getattr(e, "turn_id", None) == tid]
 
 
 async def test_async_upstream_suspended_at_a_yield_is_closed_with_aclose(make_runtime) -> None:
@@ -948,6 +956,41 @@ async def test_interrupt_cancels_own_turns_and_tail_chunks_stay_on_the_old_turn(
     assert hub.state.messages[hub.state.turns[new].input_id].parent_id == end_old.message.id
 
 
+async def test_interrupt_starts_the_new_turn_without_waiting_for_the_old_handler(make_runtime) -> None:
+    # With no on_abort hook, the interrupted turn ends in the interrupting
+    # send's own write, before the new input: the new turn's history holds
+    # the old reply although the old handler has not noticed its abort yet.
+    never = asyncio.Event()
+    histories: dict[str, list[str]] = {}
+
+    async def respond(turn: Turn) -> None:
+        text = turn.input.parts[0]["text"]
+        histories[text] = [m.role for m in turn.history]
+        await turn.write(f"{text} reply")
+        if text == "old":
+            await never.wait()  # ignores its abort until the grace runs out
+
+    rt = make_runtime(respond, default_policy="interrupt", abort_grace_s=WAIT)
+    hub = await rt.hub("s")
+    old = await send(hub, "old")
+    await until(lambda: bool(hub.state.turns[old].chunks))
+    outcome, fut = await hub.send("alice", [user_message("new")])
+    await fut
+    [new] = outcome.started
+    end_new = await wait_end(hub, new)
+    assert old in hub._tasks  # the old handler is still running
+    events = await settled(hub)
+    [end_old] = of_turn(events, old, TurnEnd)
+    [new_start] = of_turn(events, new, TurnStart)
+    assert end_old.reason == "cancelled" and end_old.seq < new_start.seq
+    assert texts(end_old.message) == ["old reply"] and texts(end_new.message) == ["new reply"]
+    assert histories["new"] == ["user", "assistant", "user"]
+    assert hub.state.messages[new_start.input_id].parent_id == end_old.message.id
+    never.set()
+    await until(lambda: old not in hub._tasks, "the old handler to finish")
+    assert len(of_turn(await settled(hub), old, TurnEnd)) == 1
+
+
 async def test_rollback_hides_the_interrupted_exchange(make_runtime) -> None:
     async def respond(turn: Turn) -> None:
         await turn.write(turn.input.parts[0]["text"].upper())
@@ -1032,7 +1075,34 @@ async def test_steering_delivers_into_the_running_turn(make_runtime) -> None:
 # ----------------------------------------------------------------- the abort grace
 
 
-async def test_a_handler_that_ignores_the_abort_is_force_ended_after_the_grace(make_runtime) -> None:
+async def test_a_handler_that_ignores_the_abort_is_stopped_after_the_grace(make_runtime) -> None:
+    never = asyncio.Event()
+    stuck = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def respond(turn: Turn) -> None:
+        await turn.write("working")
+        stuck.set()
+        try:
+            await never.wait()  # ignores the abort signal
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    rt = make_runtime(respond, abort_grace_s=0.05)
+    hub = await rt.hub("s")
+    tid = await send(hub)
+    await stuck.wait()
+    await (await hub.cancel("alice", OWN))[1]
+    assert not hub.state.is_active(tid)  # the turn ended with the cancel…
+    assert not stopped.is_set() and tid in hub._tasks  # …while its handler still runs
+    end = await wait_end(hub, tid)
+    assert end.reason == "cancelled" and texts(end.message) == ["working"]
+    await stopped.wait()  # the grace ran out: its task was cancelled
+    await until(lambda: tid not in hub._tasks, "the handler's task to finish")
+
+
+async def test_a_handler_that_ignores_the_abort_with_an_on_abort_hook_is_force_ended(make_runtime) -> None:
     never = asyncio.Event()
     stuck = asyncio.Event()
 
@@ -1041,14 +1111,17 @@ async def test_a_handler_that_ignores_the_abort_is_force_ended_after_the_grace(m
         stuck.set()
         await never.wait()  # ignores the abort signal
 
-    rt = make_runtime(respond, abort_grace_s=0.05)
+    async def on_abort(write: Any) -> None:
+        await write(" [stopped]")
+
+    rt = make_runtime(Agent(respond, on_abort=on_abort), abort_grace_s=0.05)
     hub = await rt.hub("s")
     tid = await send(hub)
     await stuck.wait()
     await (await hub.cancel("alice", OWN))[1]
-    assert hub.state.is_active(tid)  # not ended by the cancel itself
+    assert hub.state.is_active(tid)  # on_abort writes first: the turn waits for its handler
     end = await wait_end(hub, tid)
-    assert end.reason == "cancelled" and texts(end.message) == ["working"]
+    assert end.reason == "cancelled" and texts(end.message) == ["working", " [stopped]"]
 
 
 async def test_a_handler_that_swallows_the_force_end_is_still_ended(make_runtime) -> None:

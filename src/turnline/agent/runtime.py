@@ -326,10 +326,16 @@ class SessionHub:
                     self._abort(t, "interrupted")
                     if t in self.turns:
                         wait_for.append(self.turns[t].ended)
+        if pre:
+            # The interrupted turns end (when no on_abort hook writes into
+            # them) before the new input joins the log, so the new turn's
+            # history holds what they persisted without waiting for them.
+            self.emit(pre)
+            self._end_aborted(cancelled, start_queued=False)
         events, built = self._chain(requester, messages, ids, parent, None)
         turn_id = turn_id or new_id("turn")
         events.append(self._turn_start(turn_id, requester, ids[-1]))
-        fut = self.emit(pre + events)
+        fut = self.emit(events)
         self._launch(turn_id, wait_for)
         return SendOutcome(ids, started=[turn_id], cancelled=cancelled), fut
 
@@ -418,7 +424,8 @@ class SessionHub:
         outcome = "cancelled" if result.cancelled else "rejected" if rejected else "pending" if pending else "noop"
         self.metrics.cancels.labels(outcome).inc()
         fut = self.emit(events)
-        if queued:
+        ended = self._end_aborted(allowed)
+        if queued and not ended:
             self._start_next_queued()
         return result, fut
 
@@ -444,11 +451,35 @@ class SessionHub:
             loop = asyncio.get_running_loop()
             loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
 
+    def _end_aborted(self, turn_ids: Sequence[str], *, start_queued: bool = True) -> bool:
+        """End the just-aborted turns now, in the same write as the cancel
+        that stopped them, unless the agent has an ``on_abort`` hook (which
+        writes into the turn first). Nothing the handler produces after its
+        abort is kept either way (see Turn._write), so the log is the same;
+        the turn-end just does not wait for the handler to notice the abort.
+        Its task still runs until it does (bounded by the abort grace).
+        Returns whether any turn was ended."""
+        agent = self.runtime.agent
+        if agent is not None and agent.on_abort is not None:
+            return False
+        ended = False
+        for turn_id in turn_ids:
+            turn = self.turns.get(turn_id)
+            if turn is not None and turn.reason is None and self.state.is_active(turn_id):
+                self._close_turn(turn, "cancelled", None, start_queued=start_queued)
+                ended = True
+        return ended
+
     def _schedule_force_end(self, turn: Turn) -> None:
         if turn.reason is None:
             task = asyncio.ensure_future(self._force_end(turn))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            return
+        # Ended at the cancel, but its handler ignored the abort: stop it.
+        running = self._tasks.get(turn.turn_id)
+        if running is not None and not running.done():
+            running.cancel()
 
     async def _force_end(self, turn: Turn) -> None:
         """The grace ran out: stop the handler's task (its unwinding ends the
@@ -553,7 +584,8 @@ class SessionHub:
             turn._close_auto_text(True)
         await self._close_turn(turn, reason, error)
 
-    def _close_turn(self, turn: Turn, reason: str, error: BaseException | str | None) -> asyncio.Future[None]:
+    def _close_turn(self, turn: Turn, reason: str, error: BaseException | str | None, *,
+                    start_queued: bool = True) -> asyncio.Future[None]:
         """Append the turn's last chunks and its turn-end (synchronously); the
         future resolves when they are durable."""
         turn.reason = reason
@@ -582,7 +614,8 @@ class SessionHub:
         self.turns.pop(turn.turn_id, None)
         turn.ended.set()
         self._publish_presence()
-        self._start_next_queued()
+        if start_queued:
+            self._start_next_queued()
         return fut
 
     def _start_next_queued(self) -> None:
