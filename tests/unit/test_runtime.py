@@ -1102,26 +1102,38 @@ async def test_a_handler_that_ignores_the_abort_is_stopped_after_the_grace(make_
     await until(lambda: tid not in hub._tasks, "the handler's task to finish")
 
 
-async def test_a_handler_that_ignores_the_abort_with_an_on_abort_hook_is_force_ended(make_runtime) -> None:
+async def test_with_an_on_abort_hook_the_turn_ends_once_the_hook_wrote_not_when_the_handler_stops(
+        make_runtime) -> None:
     never = asyncio.Event()
     stuck = asyncio.Event()
+    hook_may_write = asyncio.Event()
+    stopped = asyncio.Event()
 
     async def respond(turn: Turn) -> None:
         await turn.write("working")
         stuck.set()
-        await never.wait()  # ignores the abort signal
+        try:
+            await never.wait()  # ignores the abort signal
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
 
     async def on_abort(write: Any) -> None:
+        await hook_may_write.wait()
         await write(" [stopped]")
 
-    rt = make_runtime(Agent(respond, on_abort=on_abort), abort_grace_s=0.05)
+    rt = make_runtime(Agent(respond, on_abort=on_abort), abort_grace_s=WAIT / 2)
     hub = await rt.hub("s")
     tid = await send(hub)
     await stuck.wait()
     await (await hub.cancel("alice", OWN))[1]
-    assert hub.state.is_active(tid)  # on_abort writes first: the turn waits for its handler
+    assert hub.state.is_active(tid)  # the hook has not written yet: the turn waits for it
+    hook_may_write.set()
     end = await wait_end(hub, tid)
     assert end.reason == "cancelled" and texts(end.message) == ["working", " [stopped]"]
+    assert not stopped.is_set() and tid in hub._tasks  # ended while the handler still ran
+    await stopped.wait()  # then the grace ran out: its task was cancelled
+    assert len(of_turn(await settled(hub), tid, TurnEnd)) == 1
 
 
 async def test_a_handler_that_swallows_the_force_end_is_still_ended(make_runtime) -> None:

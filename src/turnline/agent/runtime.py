@@ -330,8 +330,7 @@ class SessionHub:
             # The interrupted turns end (when no on_abort hook writes into
             # them) before the new input joins the log, so the new turn's
             # history holds what they persisted without waiting for them.
-            self.emit(pre)
-            self._end_aborted(cancelled, start_queued=False)
+            self._emit_stopping(pre, cancelled, start_queued=False)
         events, built = self._chain(requester, messages, ids, parent, None)
         turn_id = turn_id or new_id("turn")
         events.append(self._turn_start(turn_id, requester, ids[-1]))
@@ -423,8 +422,7 @@ class SessionHub:
             self._privileged_pending.update(pending)
         outcome = "cancelled" if result.cancelled else "rejected" if rejected else "pending" if pending else "noop"
         self.metrics.cancels.labels(outcome).inc()
-        fut = self.emit(events)
-        ended = self._end_aborted(allowed)
+        fut, ended = self._emit_stopping(events, allowed)
         if queued and not ended:
             self._start_next_queued()
         return result, fut
@@ -451,24 +449,32 @@ class SessionHub:
             loop = asyncio.get_running_loop()
             loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
 
-    def _end_aborted(self, turn_ids: Sequence[str], *, start_queued: bool = True) -> bool:
-        """End the just-aborted turns now, in the same write as the cancel
-        that stopped them, unless the agent has an ``on_abort`` hook (which
-        writes into the turn first). Nothing the handler produces after its
-        abort is kept either way (see Turn._write), so the log is the same;
-        the turn-end just does not wait for the handler to notice the abort.
-        Its task still runs until it does (bounded by the abort grace).
-        Returns whether any turn was ended."""
+    def _emit_stopping(self, events: Sequence[AnyEvent], turn_ids: Sequence[str], *,
+                       start_queued: bool = True) -> tuple[asyncio.Future[None], bool]:
+        """Emit ``events`` (a cancel that aborted ``turn_ids``) and end those
+        turns without waiting for their handlers to notice the abort: nothing
+        a handler produces after it is kept (see Turn._write), so the log is
+        the same either way. With no ``on_abort`` hook a turn ends here, in
+        the same write as the cancel; with one, the hook runs at once and the
+        turn ends when it has written. A handler's task runs on until it stops
+        (bounded by the abort grace). Returns the events' durable future and
+        whether a turn was ended here."""
         agent = self.runtime.agent
+        live = [self.turns[t] for t in turn_ids
+                if t in self.turns and self.turns[t].reason is None and self.state.is_active(t)]
         if agent is not None and agent.on_abort is not None:
-            return False
-        ended = False
-        for turn_id in turn_ids:
-            turn = self.turns.get(turn_id)
-            if turn is not None and turn.reason is None and self.state.is_active(turn_id):
-                self._close_turn(turn, "cancelled", None, start_queued=start_queued)
-                ended = True
-        return ended
+            # Made before the emit below schedules its flush, so a hook that
+            # writes without waiting gets its words and the turn-end into the
+            # cancel's own write.
+            for turn in live:
+                task = asyncio.ensure_future(self.end_turn(turn, "cancelled"))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return self.emit(events), False
+        fut = self.emit(events)
+        for turn in live:
+            self._close_turn(turn, "cancelled", None, start_queued=start_queued)
+        return fut, bool(live)
 
     def _schedule_force_end(self, turn: Turn) -> None:
         if turn.reason is None:
@@ -556,6 +562,11 @@ class SessionHub:
         if turn.aborted and reason == "complete":
             reason = "cancelled"  # the abort won the race; the handler finished anyway
         agent = self.runtime.agent
+        if reason == "cancelled" and agent is not None and agent.on_abort is not None and turn._abort_hook_ran:
+            # Another caller runs the hook (the cancel's, see _end_aborted):
+            # the turn ends once it has written, bounded by the grace.
+            await turn.ended.wait()
+            return
         if (reason == "cancelled" and agent is not None and agent.on_abort is not None
                 and not turn._abort_hook_ran):
             turn._abort_hook_ran = True  # once, whoever ends the turn
