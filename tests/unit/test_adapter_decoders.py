@@ -93,8 +93,9 @@ def test_to_langchain_reads_turnline_messages() -> None:
 
     history = [
         {"id": "s", "role": "system", "parts": [{"type": "text", "text": "Be brief."}]},
-        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Look"},
-                                               {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64,AAA"}]},
+        {"id": "u1", "role": "user", "parts": [
+            {"type": "text", "text": "Look"},
+            {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64,AAA"}]},
         {"id": "a1", "role": "assistant", "parts": [
             {"type": "step-start"}, {"type": "reasoning", "text": "hidden"}, {"type": "text", "text": "Calling."},
             {"type": "tool-f", "toolCallId": "c1", "state": "output-available", "input": {"x": 1}, "output": {"y": 2}},

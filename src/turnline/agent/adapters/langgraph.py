@@ -88,7 +88,7 @@ def run_config(turn: Turn, base: dict[str, Any] | None = None) -> dict[str, Any]
     stop = stop_on_abort(turn.abort_signal)
     if callbacks is None:
         callbacks = [stop]
-    elif isinstance(callbacks, list):
+    elif isinstance(callbacks, (list, tuple)):
         callbacks = [*callbacks, stop]
     else:  # a callback manager
         callbacks = callbacks.copy()
