@@ -184,6 +184,21 @@ async def test_tokens_tool_call_and_result_stream(serve: Any, sync: bool) -> Non
     await ws.close()
 
 
+async def test_a_subgraph_streams_its_tokens(serve: Any) -> None:
+    # A node that is itself a compiled graph (as a prebuilt agent is).
+    model = scripted_chat_model(["Hello from the inner graph."], TokenGate(open=True))
+    inner = build_graph(model, sync=False)
+    outer = StateGraph(MessagesState)
+    outer.add_node("inner", inner)
+    outer.add_edge(START, "inner")
+    srv = serve(agent=outer.compile())
+    ws, session = await client(srv)
+    end = await ws.completes(session, "hi")
+    assert text_of(end["message"]) == "Hello from the inner graph."  # once: the node's output is not repeated
+    assert deltas(ws, session, end["turn_id"]) == 5  # token by token, not the final message at once
+    await ws.close()
+
+
 # ---------------------------------------------------------------- cancel mid-stream
 
 

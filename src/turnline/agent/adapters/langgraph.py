@@ -8,8 +8,8 @@ Each turn runs the graph once with ``astream(stream_mode="messages")``:
   ``RemoveMessage(REMOVE_ALL_MESSAGES)``, so the thread's messages are reset
   to turnline's and never keep what a cancelled run produced past the cut;
 - its ``thread_id`` is the session id (``config["configurable"]["thread_id"]``);
-- the model tokens, tool calls and tool results it streams become chunks
-  (:class:`LangGraphDecoder`): one step per model call.
+- the model tokens, tool calls and tool results it streams, subgraphs'
+  included, become chunks (:class:`LangGraphDecoder`): one step per model call.
 
 A cancel stops the run: the task reading the stream is cancelled, which
 cancels the graph's running async nodes; a sync node (LangGraph runs it in a
@@ -100,9 +100,11 @@ async def stream_graph(graph: Any, graph_input: Any, config: dict[str, Any]) -> 
     """The graph's messages stream as turnline chunks (an async generator;
     closing it, or cancelling its reader, cancels the run)."""
     decoder = LangGraphDecoder()
-    stream = graph.astream(graph_input, config, stream_mode="messages")
+    # subgraphs=True: a node that is itself a graph (a prebuilt agent, a
+    # supervisor's workers) streams its tokens too, not only its final message.
+    stream = graph.astream(graph_input, config, stream_mode="messages", subgraphs=True)
     try:
-        async for message, metadata in stream:
+        async for _namespace, (message, metadata) in stream:
             for chunk in decoder.feed(message, metadata):
                 yield chunk
         for chunk in decoder.close():
@@ -131,11 +133,9 @@ def stop_on_abort(signal: AbortSignal) -> Any:
 
             def __init__(self, signal: AbortSignal) -> None:
                 self.signal = signal
-                self.stopped = 0  # callbacks that raised (for tests and metrics)
 
             def _check(self) -> None:
                 if self.signal.aborted:
-                    self.stopped += 1
                     raise Aborted(self.signal.reason or "cancelled")
 
             def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
