@@ -145,3 +145,22 @@ def test_pydantic_ai_thinking_and_failed_tools() -> None:
     assert "bad x" in out[8]["errorText"]
     parts = fold([{"type": "start"}, *out])
     assert [p["type"] for p in parts] == ["step-start", "reasoning", "tool-f", "step-start", "text"]
+
+
+def test_to_pydantic_ai_leaves_out_what_it_cannot_send() -> None:
+    pytest.importorskip("pydantic_ai")
+    from turnline.agent.adapters.pydantic_ai import to_pydantic_ai
+
+    history = [
+        {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]},
+        {"id": "a1", "role": "assistant", "parts": [
+            {"type": "step-start"}, {"type": "text", "text": "Calling."},
+            {"type": "future-part-type", "text": "?"},  # a part type PydanticAI's models do not know
+            {"type": "tool-f", "toolCallId": "c1", "state": "input-available", "input": {}},  # no result
+            {"type": "tool-g", "toolCallId": "c2", "state": "output-error", "input": {}, "errorText": "cancelled"}]},
+        {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "Again"}]},
+    ]
+    out = to_pydantic_ai(history)
+    kinds = [(p.part_kind, getattr(p, "tool_call_id", None)) for m in out for p in m.parts]
+    assert kinds == [("user-prompt", None), ("text", None), ("tool-call", "c2"), ("tool-return", "c2"),
+                     ("user-prompt", None)]

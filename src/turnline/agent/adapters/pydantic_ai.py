@@ -73,17 +73,38 @@ async def stream_agent(agent: Any, history: list[Any], conversation_id: str | No
         yield chunk
 
 
+_OPEN_TOOL_STATES = ("input-streaming", "input-available")
+
+
 def to_pydantic_ai(history: list[Any]) -> list[Any]:
     """turnline messages (AI SDK ``UIMessage``s) → PydanticAI ``ModelMessage``s,
     by PydanticAI's own loader. A cancelled tool call (``output-error``,
-    ``cancelled``) becomes a failed tool return, so the history stays valid."""
-    from pydantic import TypeAdapter
+    ``cancelled``) becomes a failed tool return, so the history stays valid;
+    a tool call without a result is left out (as the provider converters do),
+    and so is a part type PydanticAI's AI SDK models do not know (a newer
+    AI SDK part), rather than failing every later turn of the session."""
+    from pydantic import TypeAdapter, ValidationError
     from pydantic_ai.ui.vercel_ai import VercelAIAdapter
     from pydantic_ai.ui.vercel_ai.request_types import UIMessage
 
-    dicts = [m if isinstance(m, dict) else {"id": m.id, "role": m.role, "parts": list(m.parts),
-                                            "metadata": m.metadata} for m in history]
-    messages = TypeAdapter(list[UIMessage]).validate_python(dicts)
+    one = TypeAdapter(UIMessage)
+    messages = []
+    for m in history:
+        msg = m if isinstance(m, dict) else {"id": m.id, "role": m.role, "parts": list(m.parts),
+                                             "metadata": m.metadata}
+        parts = [p for p in msg.get("parts") or [] if p.get("state") not in _OPEN_TOOL_STATES
+                 or not str(p.get("type", "")).startswith(("tool-", "dynamic-tool"))]
+        try:
+            messages.append(one.validate_python({**msg, "parts": parts}))
+        except ValidationError:  # keep the parts it knows
+            known = []
+            for part in parts:
+                try:
+                    one.validate_python({**msg, "parts": [part]})
+                    known.append(part)
+                except ValidationError:
+                    pass
+            messages.append(one.validate_python({**msg, "parts": known}))
     return VercelAIAdapter.load_messages(messages)
 
 
