@@ -10,8 +10,7 @@ LangGraph graphs, in a real server, over a raw WebSocket:
 - a cancel while a tool runs (async: the tool is cancelled; sync: its late
   result is not written) ends the turn cancelled with the tool part closed;
 - the persisted history is what the user saw, and the graph's thread (its
-  checkpointer) is reset to it on the next turn;
-- ``turnline serve --agent examples.langgraph_agent:graph`` serves a graph.
+  checkpointer) is reset to it on the next turn.
 
 Races are ordered with the model's token gate and the tool's gate.
 """
@@ -19,14 +18,10 @@ Races are ordered with the model's token gate and the tool's gate.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 pytest.importorskip("langgraph")
@@ -38,13 +33,10 @@ from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
 from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
 
 from fakes.frameworks import TokenGate, scripted_chat_model  # noqa: E402
-from servers import SECRET, free_port  # noqa: E402
 from turnline.agent import RuntimeConfig  # noqa: E402
 from turnline.agent.adapters import langgraph_agent  # noqa: E402
-from turnline.server.auth import mint  # noqa: E402
 from wsraw import Gate, RawWS, settled_log, text_of  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 WEATHER_CALL = {"name": "weather", "args": {"city": "Paris"}, "id": "call-1"}
 
 
@@ -279,39 +271,3 @@ async def test_cancel_mid_tool(serve: Any, sync: bool) -> None:
     assert len(model.calls) == 2  # the model was not called again in the cancelled turn
     assert not tool_gate.returned.is_set() or sync
     await ws.close()
-
-
-# ---------------------------------------------------------------- the CLI
-
-
-async def test_serve_accepts_a_graph_directly(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "PYTHONUNBUFFERED": "1"}
-    for key in ("TURNLINE_SECRET", "LANGGRAPH_MODEL"):
-        env.pop(key, None)
-    log = open(tmp_path / "server.log", "wb")
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("turnline")), "serve", "--store", "memory://", "--port", str(port),
-        "--secret", SECRET, "--no-dev", "--agent", "examples.langgraph_agent:graph", "--log-level", "warning",
-        cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT)
-    try:
-        async with httpx.AsyncClient(timeout=1.0) as http, asyncio.timeout(30):
-            while True:
-                assert proc.returncode is None, (tmp_path / "server.log").read_text()
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        token = mint(SECRET, "alice", {"*": ["subscribe", "publish", "cancel"]}, 600)
-        ws = await RawWS.open(f"ws://127.0.0.1:{port}/v1/ws", token)
-        await ws.subscribe("cli-graph")
-        end = await ws.completes("cli-graph", "hello", timeout=20)
-        assert text_of(end["message"]).startswith("Hello from LangGraph")
-        assert deltas(ws, "cli-graph", end["turn_id"]) > 1  # streamed token by token
-        await ws.close()
-    finally:
-        proc.kill()
-        await proc.wait()
-        log.close()
