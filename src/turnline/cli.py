@@ -56,7 +56,8 @@ def main() -> None:
 @click.option("--store", "store_url", default="sqlite:///turnline.db", show_default=True,
               help="memory://, sqlite:///PATH or redis://HOST:PORT")
 @click.option("--agent", "agent_spec", default=None,
-              help="module:attr of a turnline.Agent or a function taking a Turn [default: the demo agent; "
+              help="module:attr of a turnline.Agent, a function taking a Turn, a compiled LangGraph graph or a "
+              "PydanticAI agent [default: the demo agent; "
               "on redis:// none: a gateway only, unless given, when it runs a worker in-process too]")
 @click.option("--secret", default=None, help="JWT signing secret (else TURNLINE_SECRET, else a dev secret)")
 @click.option("--dev/--no-dev", default=None, help="dev mode: a dev token is printed and /v1/dev/token mints "

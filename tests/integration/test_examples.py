@@ -17,6 +17,8 @@ EXPECTED = {
     "branching.py": ["‹ 2/2 ›", "back on the first branch:"],
     "steering.py": ["[switching to dogs, please]", "the steer started none"],
     "voice_cli.py": ["history == what was heard: yes", "agent then:   Mars"],
+    "langgraph_agent.py": ["Hello from LangGraph!", "reason: complete"],  # LangChain's fake chat model
+    "pydantic_ai_agent.py": ["[weather(", "14°C, light rain", "reason: complete"],  # PydanticAI's TestModel
 }
 # Run by test_providers.py, against the fake provider it needs.
 NEEDS_PROVIDER = {"openai_agent.py"}

@@ -316,14 +316,5 @@ class Agent:
             await turn.stream_response(result)
 
 
-def as_agent(obj: Any) -> Agent:
-    """Accept an :class:`Agent` or a bare handler function."""
-    if isinstance(obj, Agent):
-        return obj
-    if callable(obj):
-        return Agent(obj)
-    raise TypeError(f"not an agent: {obj!r} (expected turnline.Agent or a function taking a Turn)")
-
-
 def message_from_input(m: MessageIn, message_id: str, parent_id: str | None) -> Message:
     return Message(id=message_id, role=m.role, parts=m.parts, parent_id=parent_id, metadata=m.metadata)
