@@ -43,7 +43,9 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="PEM public key (or certificate) of your identity provider: RS256, ES256 or EdDSA tokens"),
         click.option("--jwks-url", default=None,
                      help="your identity provider's JWKS (https://…/.well-known/jwks.json), cached and "
-                     "refetched when a token names an unknown kid (at most every 30 s)"),
+                     "refetched when a token names an unknown kid (see --jwks-min-refresh)"),
+        click.option("--jwks-min-refresh", default=30.0, show_default=True, type=click.FloatRange(min=0),
+                     help="seconds between two fetches of the JWKS at least, however many unknown kids arrive"),
         click.option("--jwt-audience", multiple=True,
                      help="a token's aud must be this (repeatable: any of them); without it, a token with an aud is refused"),
         click.option("--jwt-issuer", default=None, help="a token's iss must be this"),
@@ -64,7 +66,8 @@ def _identity(host: str, secret: str | None, dev: bool | None, opts: dict[str, A
 
     settings = IdentitySettings.from_environment(
         secret=secret, public_key=opts["jwt_public_key"], jwks_url=opts["jwks_url"],
-        audience=tuple(opts["jwt_audience"]), issuer=opts["jwt_issuer"], claim_prefix=opts["jwt_claim_prefix"])
+        audience=tuple(opts["jwt_audience"]), issuer=opts["jwt_issuer"], claim_prefix=opts["jwt_claim_prefix"],
+        jwks_min_refresh_s=opts["jwks_min_refresh"])
     try:
         mode = decide_dev_mode(dev, host, settings)
         dev_secret = resolve_secret(None) if mode.on else None
