@@ -125,6 +125,7 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
 
     from .agent import Runtime, RuntimeConfig
     from .server.app import ServerConfig, create_app
+    from .server.logs import redact_tokens_in_logs
     from .store import open_store, parse_store_url
 
     settings, mode, dev_secret, verifier, origins = _identity(host, secret, dev, security)
@@ -163,8 +164,10 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     _tune_gc()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
-                ws_per_message_deflate=ws_deflate)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
+                            ws_per_message_deflate=ws_deflate)  # configures uvicorn's loggers
+    redact_tokens_in_logs()
+    uvicorn.Server(config).run()
 
 
 def _tune_gc() -> None:

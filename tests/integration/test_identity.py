@@ -408,3 +408,27 @@ async def test_jwks_verifier_honours_cache_lifetime_and_bound() -> None:
         assert verifier.fetches == 4
         await verifier.verify(good)
         assert verifier.fetches == 4
+
+
+# ---------------------------------------------------------------- logs
+
+
+async def test_query_tokens_are_not_logged(tmp_path: Path) -> None:
+    token = mint(SECRET, "alice", CAPS)
+    with Serve(tmp_path, "--secret", SECRET, "--log-level", "info") as srv:
+        ws = await RawWS.open(srv.ws, token, header_token=False)
+        await ws.subscribe("log-1")
+        await ws.close()
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            r = await client.get(f"{srv.http}/v1/sessions/log-1/tree?x=1&token={token}")
+            assert r.status_code == 404
+        # uvicorn writes its request lines before it answers the next request: this one's line is the marker.
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            await client.get(f"{srv.http}/healthz?marker=1")
+        deadline = time.monotonic() + TIMEOUT
+        while "marker=1" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()
+            await asyncio.sleep(0.05)
+        out = srv.output()
+        assert "/v1/ws?token=[redacted]" in out and "tree?x=1&token=[redacted]" in out, out
+        assert token not in out and token.split(".")[2] not in out

@@ -439,6 +439,7 @@ class TurnlineApp:
             principal = await _principal(self.verifier, ws.headers.get("authorization"),
                                          ws.query_params.get("token"))
         except CommandError as exc:
+            self.runtime.metrics.frame_errors.labels(exc.code).inc()
             await ws.send_text(error_frame(None, exc.code, exc.message).decode())
             await ws.close(code=4401 if exc.code == ErrorCode.UNAUTHORIZED else 1011, reason=exc.code)
             return
