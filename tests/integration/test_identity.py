@@ -432,3 +432,21 @@ async def test_query_tokens_are_not_logged(tmp_path: Path) -> None:
         out = srv.output()
         assert "/v1/ws?token=[redacted]" in out and "tree?x=1&token=[redacted]" in out, out
         assert token not in out and token.split(".")[2] not in out
+
+
+async def test_an_unreachable_jwks_is_not_the_tokens_fault(tmp_path: Path) -> None:
+    """No key set yet (the provider down): ``internal``, and the WebSocket closes with
+    1011 (clients retry) rather than 4401 (clients give up on the token)."""
+    key = KEYS["RS256"]()
+    dead = f"http://127.0.0.1:{free_port()}/.well-known/jwks.json"  # nothing listens there
+    with Serve(tmp_path, "--jwks-url", dead, *IDP_ARGS) as srv:
+        token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": "a"})
+        ws = await RawWS.open(srv.ws, token)
+        err = await ws.next_error(0)
+        assert err["code"] == "internal" and "could not be fetched" in err["message"], err
+        await ws.wait_until(lambda: ws.closed is not None and ws._reader.done(), what="close")
+        assert ws.closed.rcvd is not None and ws.closed.rcvd.code == 1011
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            r = await client.get(f"{srv.http}/v1/sessions/id-1/messages", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal", r.text
+        assert "fetching the JWKS" in srv.output()
