@@ -47,7 +47,8 @@ def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--jwks-min-refresh", default=30.0, show_default=True, type=click.FloatRange(min=0),
                      help="seconds between two fetches of the JWKS at least, however many unknown kids arrive"),
         click.option("--jwt-audience", multiple=True,
-                     help="a token's aud must be this (repeatable: any of them); without it, a token with an aud is refused"),
+                     help="a token's aud must be this (repeatable: any of them); without it, a token "
+                     "with an aud is refused"),
         click.option("--jwt-issuer", default=None, help="a token's iss must be this"),
         click.option("--jwt-claim-prefix", default="",
                      help="read capabilities from PREFIX+'cap' (and the client id from PREFIX+'sub' when present), "
@@ -147,9 +148,9 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     click.echo(f"  store:  {kind} {os.path.abspath(where) if kind == 'sqlite' else where or ''}".rstrip())
     click.echo(f"  agent:  {agent_spec or 'none (a gateway: workers run the turns)'}")
     click.echo(f"  policy: {policy}")
-    click.echo(f"  tokens: {verifier.describe()} from {' and '.join(settings.configured()) or 'the dev secret'}" + "".join(
-        f", {name} {value}" for name, value in (("aud", ", ".join(settings.audience)), ("iss", settings.issuer),
-                                                ("claim prefix", settings.claim_prefix)) if value))
+    checks = (("aud", ", ".join(settings.audience)), ("iss", settings.issuer), ("claim prefix", settings.claim_prefix))
+    click.echo(f"  tokens: {verifier.describe()} from {' and '.join(settings.configured()) or 'the dev secret'}"
+               + "".join(f", {name} {value}" for name, value in checks if value))
     click.echo(f"  cors:   {', '.join(origins) if origins else 'none (same-origin pages only)'}")
     if voice:
         from .voice import install_voice
@@ -167,7 +168,10 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
                             ws_per_message_deflate=ws_deflate)  # configures uvicorn's loggers
     redact_tokens_in_logs()
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run: a port in use is a failed start
+        sys.exit(3)
 
 
 def _tune_gc() -> None:

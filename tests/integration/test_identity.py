@@ -123,7 +123,8 @@ def test_a_configured_secret_means_no_dev_mode(tmp_path: Path) -> None:
         for method, status in (("GET", 404), ("POST", 405)):
             r = httpx.request(method, f"{srv.http}/v1/dev/token?sub=mallory")
             assert r.status_code == status and "token" not in r.json(), r.text
-        r = httpx.get(f"{srv.http}/v1/sessions/s-1/tree", headers={"Authorization": f"Bearer {mint(SECRET, 'a', CAPS)}"})
+        r = httpx.get(f"{srv.http}/v1/sessions/s-1/tree",
+                      headers={"Authorization": f"Bearer {mint(SECRET, 'a', CAPS)}"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"  # the secret's tokens get in
         out = srv.output()
         assert "DEV MODE" not in out and "dev token" not in out, out
@@ -222,7 +223,8 @@ async def accepted(srv: Serve, token: str, session: str = "id-1") -> None:
     assert ack["op"] == "ack", ack
     await ws.close()
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        r = await client.post(f"{srv.http}/v1/sessions/{session}/messages", headers={"Authorization": f"Bearer {token}"},
+        r = await client.post(f"{srv.http}/v1/sessions/{session}/messages",
+                              headers={"Authorization": f"Bearer {token}"},
                               json={"messages": [{"parts": [{"type": "text", "text": "hi"}]}]})
         assert r.status_code == 200 and r.json()["turn_ids"], r.text
 

@@ -675,7 +675,8 @@ class TurnlineApp:
         name = request.query_params.get("sub") or "demo-user"
         if not is_valid_id(name):
             return JSONResponse({"error": {"code": ErrorCode.BAD_ID, "message": "invalid sub"}}, status_code=400)
-        token = mint(self.config.secret or "", name, {"*": ["subscribe", "publish", "cancel"]}, self.config.dev_token_ttl_s)
+        token = mint(self.config.secret or "", name, {"*": ["subscribe", "publish", "cancel"]},
+                     self.config.dev_token_ttl_s)
         return JSONResponse({"token": token, "sub": name, "ttl_s": self.config.dev_token_ttl_s})
 
     async def index(self, _request: Request) -> Response:
