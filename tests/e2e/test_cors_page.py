@@ -109,3 +109,23 @@ def test_unlisted_origin_is_refused_before_anything_runs(serve: Any, pages: Any,
         assert not server.call(server.runtime.store.exists(session))  # the preflight failed: no turn ran
         ws = page.evaluate(OPEN_WS, f"{server.ws}?token={server.token('alice')}")
         assert not ws["opened"] and ws["code"] == 1006, ws  # the upgrade was refused
+
+
+def test_the_demo_page_says_why_it_has_no_dev_token(serve: Any, browser: Any) -> None:
+    """Not in dev mode, or in dev mode but reached through a proxy: the page's
+    connection banner says so and how to open it instead."""
+    from playwright.sync_api import expect
+
+    for server_config, headers, says in (
+            ({}, {}, "not in dev mode"),
+            ({"dev": True}, {"X-Forwarded-For": "203.0.113.9"}, "not served through a proxy")):
+        srv = serve(agent=answer, server_config=server_config)
+        context = browser.new_context(extra_http_headers=headers)
+        try:
+            page = context.new_page()
+            page.goto(srv.http + "/")
+            banner = page.get_by_test_id("connection")
+            expect(banner).to_contain_text(says)
+            expect(banner).to_contain_text("?token=")
+        finally:
+            context.close()

@@ -130,12 +130,14 @@ def dev_token_refusal(scope: Mapping[str, Any], headers: Mapping[str, str]) -> s
     this machine is a loopback peer serving the whole internet); a ``Host``
     that is not a loopback name (a DNS-rebinding page that resolves its own
     name to 127.0.0.1 is a loopback peer too)."""
-    client = scope.get("client")
-    if not client or not _is_loopback_address(client[0]):
-        return "dev tokens are served to loopback clients only"
+    # Forwarding headers first: uvicorn replaces a loopback peer's address with
+    # the X-Forwarded-For one, and "through a proxy" is the clearer answer.
     present = [h for h in FORWARDING_HEADERS if h in headers]
     if present:
         return f"dev tokens are not served through a proxy (the request carries {', '.join(present)})"
+    client = scope.get("client")
+    if not client or not _is_loopback_address(client[0]):
+        return "dev tokens are served to loopback clients only"
     host, _port = _host_port(headers.get("host", ""))
     if not is_loopback_name(host):
         return f"dev tokens are served only to a page opened on a loopback address, not {host or 'no host'!r}"
