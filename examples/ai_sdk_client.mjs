@@ -3,7 +3,7 @@
 // server what this screen showed, so the saved answer equals it exactly.
 //
 //   npm install ai                 (major 5, 6 or 7)
-//   turnline serve                 (dev mode on loopback; prints a dev token)
+//   turnline serve                 (dev mode when no secret or key is configured; prints a dev token)
 //   node examples/ai_sdk_client.mjs
 //
 // TURNLINE_URL (default http://127.0.0.1:8787) and TURNLINE_TOKEN (default: a

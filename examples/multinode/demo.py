@@ -12,21 +12,31 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-
-import httpx
+from pathlib import Path
 
 from turnline.client import ClientTransport, message_text
+from turnline.server.auth import mint
 
 GATEWAY1 = os.environ.get("GATEWAY1_PORT", "8801")
 GATEWAY2 = os.environ.get("GATEWAY2_PORT", "8802")
 
 
+def shared_secret() -> str:
+    """The gateways' TURNLINE_SECRET: from the environment, else from .env here."""
+    if os.environ.get("TURNLINE_SECRET"):
+        return os.environ["TURNLINE_SECRET"]
+    for line in (Path(__file__).with_name(".env")).read_text().splitlines():
+        if line.startswith("TURNLINE_SECRET="):
+            return line.partition("=")[2]
+    raise SystemExit("set TURNLINE_SECRET (the one the gateways use)")
+
+
 async def main() -> None:
-    # The gateways run in dev mode on loopback: gateway 1 mints a token, and
-    # gateway 2 accepts it (every gateway has the same TURNLINE_SECRET).
-    async with httpx.AsyncClient() as http:
-        token = (await http.post(f"http://127.0.0.1:{GATEWAY1}/v1/dev/token?sub=alice")).json()["token"]
+    # With a secret configured the gateways are not in dev mode: this script
+    # plays your backend and mints the user's token with the secret every
+    # gateway shares, so any gateway accepts it.
     session = f"multinode-{uuid.uuid4().hex[:8]}"
+    token = mint(shared_secret(), "alice", {"multinode-*": ["subscribe", "publish", "cancel"]})
     async with ClientTransport(f"ws://127.0.0.1:{GATEWAY1}/v1/ws", token, session) as phone, \
             ClientTransport(f"ws://127.0.0.1:{GATEWAY2}/v1/ws", token, session) as laptop:
         ack = await phone.send("How do you stop a stream on another machine?")

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
-import ipaddress
 import logging
 import os
 import sys
+from typing import Any, Callable
 
 import click
 
 from .server.auth import AuthError, mint, parse_caps, resolve_secret
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 DEMO_AGENT = "turnline.agent.demo:agent"
@@ -44,6 +36,49 @@ def load_agent(spec: str):  # type: ignore[no-untyped-def]
         raise click.BadParameter(str(exc), param_hint="--agent") from None
 
 
+def _security_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``serve``'s options for tokens and origins (docs/security.md)."""
+    options = [
+        click.option("--jwt-public-key", type=click.Path(dir_okay=False), default=None,
+                     help="PEM public key (or certificate) of your identity provider: RS256, ES256 or EdDSA tokens"),
+        click.option("--jwks-url", default=None,
+                     help="your identity provider's JWKS (https://…/.well-known/jwks.json), cached and "
+                     "refetched when a token names an unknown kid (see --jwks-min-refresh)"),
+        click.option("--jwks-min-refresh", default=30.0, show_default=True, type=click.FloatRange(min=0),
+                     help="seconds between two fetches of the JWKS at least, however many unknown kids arrive"),
+        click.option("--jwt-audience", multiple=True,
+                     help="a token's aud must be this (repeatable: any of them); without it, a token "
+                     "with an aud is refused"),
+        click.option("--jwt-issuer", default=None, help="a token's iss must be this"),
+        click.option("--jwt-claim-prefix", default="",
+                     help="read capabilities from PREFIX+'cap' (and the client id from PREFIX+'sub' when present), "
+                     "e.g. https://turnline.dev/"),
+        click.option("--cors-origin", "cors_origins", multiple=True,
+                     help="an origin (https://app.example.com) whose pages may call the HTTP API and open "
+                     "WebSockets; repeatable. Default: none (same-origin pages only)"),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _identity(host: str, secret: str | None, dev: bool | None, opts: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The verifier, dev mode and the secret dev tokens are minted with, or a usage error."""
+    from .server.guards import normalize_origin
+    from .server.identity import IdentitySettings, SettingsError, decide_dev_mode
+
+    settings = IdentitySettings.from_environment(
+        secret=secret, public_key=opts["jwt_public_key"], jwks_url=opts["jwks_url"],
+        audience=tuple(opts["jwt_audience"]), issuer=opts["jwt_issuer"], claim_prefix=opts["jwt_claim_prefix"],
+        jwks_min_refresh_s=opts["jwks_min_refresh"])
+    try:
+        mode = decide_dev_mode(dev, host, settings)
+        dev_secret = resolve_secret(None) if mode.on else None
+        verifier = settings.verifier(dev_secret[0] if dev_secret else None)
+        origins = [normalize_origin(o) for o in opts["cors_origins"]]
+    except ValueError as exc:  # SettingsError, or an origin that is not one
+        raise click.UsageError(str(exc)) from None
+    return settings, mode, dev_secret, verifier, origins
+
+
 @click.group()
 @click.version_option(package_name="turnline")
 def main() -> None:
@@ -59,9 +94,11 @@ def main() -> None:
               help="module:attr of a turnline.Agent, a function taking a Turn, a compiled LangGraph graph or a "
               "PydanticAI agent [default: the demo agent; "
               "on redis:// none: a gateway only, unless given, when it runs a worker in-process too]")
-@click.option("--secret", default=None, help="JWT signing secret (else TURNLINE_SECRET, else a dev secret)")
+@click.option("--secret", default=None, help="HS256 signing secret (else TURNLINE_SECRET)")
 @click.option("--dev/--no-dev", default=None, help="dev mode: a dev token is printed and /v1/dev/token mints "
-              "short-lived tokens. Default: on for a loopback host, off otherwise.")
+              "short-lived tokens for browsers on this machine. Default: on only when no secret or key is "
+              "configured and the host is loopback; refused together with a secret or key.")
+@_security_options
 @click.option("--policy", default="concurrent", show_default=True,
               type=click.Choice(["concurrent", "queue", "interrupt", "reject", "rollback"]),
               help="default double-texting policy")
@@ -83,18 +120,17 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
           policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
-          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str) -> None:
+          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str,
+          **security: Any) -> None:
     """Run the server with an agent."""
     import uvicorn
 
     from .agent import Runtime, RuntimeConfig
     from .server.app import ServerConfig, create_app
+    from .server.logs import redact_tokens_in_logs
     from .store import open_store, parse_store_url
 
-    dev = _is_loopback(host) if dev is None else dev
-    if not dev and not (secret or os.environ.get("TURNLINE_SECRET")):
-        raise click.UsageError("outside dev mode a secret is required: --secret or TURNLINE_SECRET")
-    key, source = resolve_secret(secret)
+    settings, mode, dev_secret, verifier, origins = _identity(host, secret, dev, security)
     kind, where = parse_store_url(store_url)
     options = {"synchronous": sqlite_synchronous} if kind == "sqlite" else {}
     store = open_store(store_url, **options)
@@ -105,26 +141,38 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
         agent_spec = agent_spec or DEMO_AGENT
         runtime = Runtime(store, load_agent(agent_spec), RuntimeConfig(
             default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace))
-    app = create_app(runtime, ServerConfig(secret=key, dev=dev,
+    app = create_app(runtime, ServerConfig(secret=settings.shared_secret or (dev_secret and dev_secret[0]),
+                                           dev=mode.on, verifier=verifier, cors_origins=origins,
                                            aisdk_cancel_on_disconnect=aisdk_cancel_on_disconnect))
     url = f"http://{host}:{port}/"
     click.echo(f"turnline serving {url}")
     click.echo(f"  store:  {kind} {os.path.abspath(where) if kind == 'sqlite' else where or ''}".rstrip())
     click.echo(f"  agent:  {agent_spec or 'none (a gateway: workers run the turns)'}")
     click.echo(f"  policy: {policy}")
+    checks = (("aud", ", ".join(settings.audience)), ("iss", settings.issuer), ("claim prefix", settings.claim_prefix))
+    click.echo(f"  tokens: {verifier.describe()} from {' and '.join(settings.configured()) or 'the dev secret'}"
+               + "".join(f", {name} {value}" for name, value in checks if value))
+    click.echo(f"  cors:   {', '.join(origins) if origins else 'none (same-origin pages only)'}")
     if voice:
         from .voice import install_voice
 
         install_voice(app)
         click.echo("  voice:  on (espeak-ng speech, webrtcvad barge-in, transcripts from the client)")
-    if dev:
-        token = mint(key, "dev", {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 24 * 3600)
-        click.echo(f"  DEV MODE: secret from {source}; POST /v1/dev/token?sub=NAME mints 15-minute tokens.")
+    if mode.on and dev_secret:
+        token = mint(dev_secret[0], "dev", {"*": ["subscribe", "publish", "cancel", "cancel-any"]}, 24 * 3600)
+        click.echo(f"  DEV MODE on: {mode.reason}. Tokens are signed with the secret in {dev_secret[1]}; "
+                   "POST /v1/dev/token?sub=NAME mints 15-minute tokens for browsers on this machine "
+                   "(never through a proxy). Not for production: configure a secret or key.")
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     _tune_gc()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
-                ws_per_message_deflate=ws_deflate)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
+                            ws_per_message_deflate=ws_deflate)  # configures uvicorn's loggers
+    redact_tokens_in_logs()
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run: a port in use is a failed start
+        sys.exit(3)
 
 
 def _tune_gc() -> None:

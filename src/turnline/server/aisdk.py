@@ -357,7 +357,7 @@ class AiSdk:
     async def post_chat(self, request: Request) -> Response:
         async def run() -> Any:
             app = self.app
-            who = app._http_principal(request)
+            who = await app.http_principal(request)
             body: ChatRequest = await app._body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
             session = body.id
             _require(who, session, "publish")
@@ -452,7 +452,7 @@ class AiSdk:
 
     async def get_stream(self, request: Request) -> Response:
         async def run() -> Any:
-            who = self.app._http_principal(request)
+            who = await self.app.http_principal(request)
             session = self.app._session(request)
             _require(who, session, "subscribe")
             if not await self.runtime.exists(session):
@@ -472,7 +472,7 @@ class AiSdk:
     async def post_stop(self, request: Request) -> Response:
         async def run() -> Response:
             app = self.app
-            who = app._http_principal(request)
+            who = await app.http_principal(request)
             session = app._session(request)
             # Before any lookup: a token without rights here learns nothing of
             # the session (not even whether it or a message exists).

@@ -31,7 +31,8 @@ from ..protocol import (
     event_frame, events_frame, is_valid_id, MAX_NESTING, nesting_exceeds, VOICE_FRAMES,
 )
 from ..store.base import Record
-from .auth import AuthError, Principal, mint, verify
+from .auth import AuthError, KeysUnavailable, KeyVerifier, Principal, Verifier, mint
+from .guards import cors_middleware, dev_token_refusal, guard_websocket_origin, normalize_origin
 
 log = logging.getLogger("turnline.server")
 
@@ -53,8 +54,10 @@ HTTP_STATUS = {
 
 @dataclass
 class ServerConfig:
-    secret: str
-    dev: bool = False
+    secret: str | None = None  # HS256; with no verifier, the one tokens are checked against
+    dev: bool = False  # serve /v1/dev/token (to direct loopback clients only; needs secret)
+    verifier: Verifier | None = None  # how tokens are checked (turnline.server.auth, .jwks)
+    cors_origins: Sequence[str] = ()  # cross-origin pages allowed on HTTP routes and WebSockets
     max_frame_bytes: int = 256 * 1024
     # A connection whose unsent frames pile up past this is closed; the client
     # reconnects and resumes from its cursor instead of the server buffering.
@@ -86,7 +89,7 @@ class CancelBody(msgspec.Struct, omit_defaults=True):
     seen: Seq | None = None
 
 
-def _principal(secret: str, auth_header: str | None, query_token: str | None) -> Principal:
+async def _principal(verifier: Verifier, auth_header: str | None, query_token: str | None) -> Principal:
     token = None
     if auth_header and auth_header.lower().startswith("bearer "):
         token = auth_header[7:].strip()
@@ -94,9 +97,11 @@ def _principal(secret: str, auth_header: str | None, query_token: str | None) ->
     if not token:
         raise CommandError(ErrorCode.UNAUTHORIZED, "no token: send 'Authorization: Bearer TOKEN' or ?token=")
     try:
-        return verify(secret, token)
+        return await verifier.verify(token)
     except AuthError as exc:
         raise CommandError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+    except KeysUnavailable as exc:  # the provider's fault, not the token's: the client retries
+        raise CommandError(ErrorCode.INTERNAL, str(exc)) from None
 
 
 def _require(principal: Principal, session: str, action: str) -> None:
@@ -359,6 +364,12 @@ class TurnlineApp:
         # The voice pipeline's hook (binary frames, voice ops, closes), set by
         # turnline.voice.install_voice; voice sits above this layer.
         self.voice: Any = None
+        if config.verifier is None and not config.secret:
+            raise ValueError("ServerConfig needs a secret or a verifier")
+        if config.dev and not config.secret:
+            raise ValueError("dev mode mints tokens, so it needs the secret")
+        self.verifier: Verifier = config.verifier or KeyVerifier.from_secret(config.secret or "")
+        self.allowed_origins = frozenset(map(normalize_origin, config.cors_origins))
         routes = [
             WebSocketRoute("/v1/ws", self.ws_endpoint),  # under a root_path (__call__ takes the plain path)
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
@@ -379,6 +390,7 @@ class TurnlineApp:
             routes.append(Route("/", self.index, methods=["GET"]))
             routes.append(Route("/{name:path}", self.static, methods=["GET"]))
         self.starlette = Starlette(routes=routes, lifespan=self.lifespan,
+                                   middleware=cors_middleware(self.allowed_origins),
                                    exception_handlers={HTTPException: self._http_error})
 
     @staticmethod
@@ -420,13 +432,16 @@ class TurnlineApp:
     # ------------------------------------------------------------ WebSocket
 
     async def ws_endpoint(self, ws: WebSocket) -> None:
+        if not await guard_websocket_origin(ws, self.allowed_origins):
+            return
         await ws.accept()
         try:
-            principal = _principal(self.config.secret, ws.headers.get("authorization"),
-                                   ws.query_params.get("token"))
+            principal = await _principal(self.verifier, ws.headers.get("authorization"),
+                                         ws.query_params.get("token"))
         except CommandError as exc:
+            self.runtime.metrics.frame_errors.labels(exc.code).inc()
             await ws.send_text(error_frame(None, exc.code, exc.message).decode())
-            await ws.close(code=4401, reason=exc.code)
+            await ws.close(code=4401 if exc.code == ErrorCode.UNAUTHORIZED else 1011, reason=exc.code)
             return
         conn = Connection(self, ws, principal, ws.query_params.get("cancel_on_disconnect") in ("1", "true"))
         metrics = self.runtime.metrics
@@ -457,8 +472,10 @@ class TurnlineApp:
 
     # ------------------------------------------------------------ HTTP
 
-    def _http_principal(self, request: Request) -> Principal:
-        return _principal(self.config.secret, request.headers.get("authorization"), request.query_params.get("token"))
+    async def http_principal(self, request: Request) -> Principal:
+        """The caller of an HTTP route, from its bearer token or ``?token=``."""
+        return await _principal(self.verifier, request.headers.get("authorization"),
+                                request.query_params.get("token"))
 
     async def _read_limited(self, request: Request, limit: int | None = None) -> bytes:
         # Refuse an oversized body as it arrives instead of buffering all of it first.
@@ -509,7 +526,7 @@ class TurnlineApp:
 
     async def post_messages(self, request: Request) -> Response:
         async def run() -> Response:
-            who = self._http_principal(request)
+            who = await self.http_principal(request)
             session = self._session(request)
             _require(who, session, "publish")
             body = await self._body(request, HttpBody)
@@ -527,7 +544,7 @@ class TurnlineApp:
 
     async def post_cancel(self, request: Request) -> Response:
         async def run() -> Response:
-            who = self._http_principal(request)
+            who = await self.http_principal(request)
             session = self._session(request)
             body = await self._body(request, CancelBody)
             flt = _normalized_filter(body.filter)
@@ -540,7 +557,7 @@ class TurnlineApp:
 
     async def get_events(self, request: Request) -> Response:
         async def run() -> Response:
-            who = self._http_principal(request)
+            who = await self.http_principal(request)
             session = self._session(request)
             _require(who, session, "subscribe")
             cursor = request.headers.get("last-event-id") or request.query_params.get("after")
@@ -589,7 +606,7 @@ class TurnlineApp:
 
     async def get_messages(self, request: Request) -> Response:
         async def run() -> Response:
-            who = self._http_principal(request)
+            who = await self.http_principal(request)
             session = self._session(request)
             _require(who, session, "subscribe")
             hub = await self.existing_hub(session)
@@ -623,7 +640,7 @@ class TurnlineApp:
 
     async def get_tree(self, request: Request) -> Response:
         async def run() -> Response:
-            who = self._http_principal(request)
+            who = await self.http_principal(request)
             session = self._session(request)
             _require(who, session, "subscribe")
             hub = await self.existing_hub(session)
@@ -651,11 +668,15 @@ class TurnlineApp:
         return Response(generate_latest(self.runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def dev_token(self, request: Request) -> Response:
-        # Dev mode only (loopback): a short-lived token for the demo page.
+        # Dev mode only: a short-lived token for the demo page, to this machine's browser only.
+        refusal = dev_token_refusal(request.scope, request.headers)
+        if refusal is not None:
+            return JSONResponse({"error": {"code": ErrorCode.FORBIDDEN, "message": refusal}}, status_code=403)
         name = request.query_params.get("sub") or "demo-user"
         if not is_valid_id(name):
             return JSONResponse({"error": {"code": ErrorCode.BAD_ID, "message": "invalid sub"}}, status_code=400)
-        token = mint(self.config.secret, name, {"*": ["subscribe", "publish", "cancel"]}, self.config.dev_token_ttl_s)
+        token = mint(self.config.secret or "", name, {"*": ["subscribe", "publish", "cancel"]},
+                     self.config.dev_token_ttl_s)
         return JSONResponse({"token": token, "sub": name, "ttl_s": self.config.dev_token_ttl_s})
 
     async def index(self, _request: Request) -> Response:

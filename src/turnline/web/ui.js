@@ -38,9 +38,14 @@ export function tokenOptions(user, ui) {
     async getToken() {
       const r = await fetch(`/v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
       if (!r.ok) {
-        ui.tokenProblem = r.status === 404
+        // 404/405: no such route (not in dev mode); 403: dev mode, but not for this
+        // page (opened through a proxy or from another machine).
+        const why = r.status === 403 ? await r.json().then((b) => b.error?.message, () => null) : null;
+        ui.tokenProblem = r.status === 404 || r.status === 405
           ? "This server is not in dev mode: open the page with ?token=… (turnline token --sub NAME)."
-          : `Could not get a token (HTTP ${r.status}).`;
+          : r.status === 403
+            ? `No dev token for this page (${why ?? "forbidden"}): open it with ?token=… (turnline token --sub NAME).`
+            : `Could not get a token (HTTP ${r.status}).`;
         throw new Error(ui.tokenProblem);
       }
       ui.tokenProblem = null;
