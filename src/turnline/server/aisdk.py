@@ -66,12 +66,26 @@ UI_CHUNK_TYPES = frozenset({
 _NULLABLE = frozenset({"input", "output", "data", "messageMetadata", "approvalDescriptor", "inputSchemaInput"})
 
 
-def ui_chunk(chunk: dict[str, Any], message_id: str) -> dict[str, Any] | None:
+# The ``ai`` major a client runs, when it says (the header ``x-ai-sdk-major``;
+# default: the newest). ai 5 and 6 reject a chunk type they do not know.
+NEWEST_MAJOR = 7
+SDK_MAJOR_HEADER = "x-ai-sdk-major"
+
+
+def sdk_major(value: str | None) -> int:
+    """The ``ai`` major named by a ``x-ai-sdk-major`` value (5 to 7), else the newest."""
+    return int(value) if value in ("5", "6", "7") else NEWEST_MAJOR
+
+
+def ui_chunk(chunk: dict[str, Any], message_id: str, major: int = NEWEST_MAJOR) -> dict[str, Any] | None:
     """The chunk as the UI message stream carries it, or None when it is not
-    part of that protocol. ``start`` always names the turn's assistant message."""
+    part of that protocol. ``start`` always names the turn's assistant message.
+    For ai 5 and 6, a ``steering-message`` (ai 7) goes as ``data-steering-message``."""
     kind = chunk.get("type")
     if not isinstance(kind, str) or not (kind in UI_CHUNK_TYPES or kind.startswith("data-")):
         return None
+    if kind == "steering-message" and major < 7:
+        return {"type": "data-steering-message", "id": str(chunk.get("id")), "data": {"parts": chunk.get("parts")}}
     if any(v is None and k not in _NULLABLE for k, v in chunk.items()):
         chunk = {k: v for k, v in chunk.items() if v is not None or k in _NULLABLE}
     if kind == "start" and chunk.get("messageId") != message_id:
@@ -216,6 +230,46 @@ def snapshot_cursor(turn: TurnState, shown: list[dict[str, Any]]) -> tuple[int, 
 # ---------------------------------------------------------------- the stream
 
 
+class TurnChunks:
+    """One turn's UI message stream chunks, from the session log's records:
+    feed it the records in log order (from before the turn's start), it hands
+    back ``(seq, chunk)`` for each chunk to send and ``(seq, None)`` at the
+    turn's end. ``/api/chat`` (SSE) and ``/api/chat/ws`` both send these."""
+
+    def __init__(self, turn_id: str, message_id: str | None, major: int = NEWEST_MAJOR):
+        self.turn_id = turn_id
+        self.message_id = message_id
+        self.major = major
+        self.ended = False
+        self._started = False
+
+    def feed(self, batch: list[Any]) -> list[tuple[int, dict[str, Any] | None]]:
+        out: list[tuple[int, dict[str, Any] | None]] = []
+        for rec in batch:
+            if self.ended:
+                break
+            ev = _event_decoder.decode(rec.data)
+            if ev.turn_id != self.turn_id:
+                continue
+            if ev.type == "turn-start":
+                self.message_id = ev.message_id
+            elif ev.type == "chunk" and ev.chunk is not None:
+                message_id = self.message_id or ""
+                chunk = ui_chunk(ev.chunk, message_id, self.major)
+                if chunk is None:
+                    continue
+                if not self._started and chunk["type"] != "start":
+                    # A turn that failed before writing anything has no start of
+                    # its own; the client needs one to name the message.
+                    out.append((rec.seq, {"type": "start", "messageId": message_id}))
+                self._started = True
+                out.append((rec.seq, chunk))
+            elif ev.type == "turn-end":
+                self.ended = True
+                out.append((rec.seq, None))
+        return out
+
+
 class TurnStream:
     """The ASGI response streaming one turn as a UI message stream.
 
@@ -224,15 +278,14 @@ class TurnStream:
     and reports that to ``on_disconnect`` unless the turn had ended."""
 
     def __init__(self, aisdk: AiSdk, session: str, turn_id: str, message_id: str | None, after: int,
-                 on_disconnect: Callable[[TurnStream], Awaitable[None]] | None):
+                 on_disconnect: Callable[[TurnStream], Awaitable[None]] | None, major: int = NEWEST_MAJOR):
         self.aisdk = aisdk
         self.session = session
         self.turn_id = turn_id
-        self.message_id = message_id
         self.after = after
         self.sent_seq = after  # the seq of the last chunk handed to the connection
         self.ended = False
-        self._started = False
+        self.chunks = TurnChunks(turn_id, message_id, major)
         self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -301,28 +354,7 @@ class TurnStream:
                 await task
 
     def _encode(self, batch: list[Any]) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        for rec in batch:
-            ev = _event_decoder.decode(rec.data)
-            if ev.turn_id != self.turn_id:
-                continue
-            if ev.type == "turn-start":
-                self.message_id = ev.message_id
-            elif ev.type == "chunk" and ev.chunk is not None:
-                message_id = self.message_id or ""
-                chunk = ui_chunk(ev.chunk, message_id)
-                if chunk is None:
-                    continue
-                if not self._started and chunk["type"] != "start":
-                    # A turn that failed before writing anything has no start of
-                    # its own; the client needs one to name the message.
-                    out.append((rec.seq, _sse({"type": "start", "messageId": message_id})))
-                self._started = True
-                out.append((rec.seq, _sse(chunk)))
-            elif ev.type == "turn-end":
-                out.append((rec.seq, DONE))
-                break
-        return out
+        return [(seq, DONE if chunk is None else _sse(chunk)) for seq, chunk in self.chunks.feed(batch)]
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -359,24 +391,44 @@ class AiSdk:
             app = self.app
             who = app._http_principal(request)
             body: ChatRequest = await app._body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
-            session = body.id
-            _require(who, session, "publish")
-            messages = body.messages or ([body.message] if body.message is not None else [])
-            if not messages:
-                raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
-            hub = await self.runtime.hub(session)
-            after = hub.state.last_seq
-            if body.trigger == "regenerate-message":
-                target = body.messageId or messages[-1].id
-                outcome, durable = await hub.regenerate(who.client_id, target)
-                await durable
-                turn_id = outcome.started[0]
-            else:
-                turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
-            turn = hub.state.turns.get(turn_id)
-            return self._stream(who, session, turn_id, turn.message_id if turn else None, after)
+            turn_id, message_id, after = await self.start_turn(who, body)
+            return self._stream(who, body.id, turn_id, message_id, after, sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
         return await self.app._guard(request, run)
+
+    async def start_turn(self, who: Principal, body: ChatRequest) -> tuple[str, str | None, int]:
+        """Do what a chat request asks (a submit or a regeneration) on session
+        ``body.id``; returns the turn to stream, its message id (None while it
+        is queued) and the log position to follow it from."""
+        session = body.id
+        _require(who, session, "publish")
+        messages = body.messages or ([body.message] if body.message is not None else [])
+        if not messages:
+            raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
+        hub = await self.runtime.hub(session)
+        after = hub.state.last_seq
+        if body.trigger == "regenerate-message":
+            target = body.messageId or messages[-1].id
+            outcome, durable = await hub.regenerate(who.client_id, target)
+            await durable
+            turn_id = outcome.started[0]
+        else:
+            turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
+        turn = hub.state.turns.get(turn_id)
+        return turn_id, turn.message_id if turn else None, after
+
+    async def resumable_turn(self, who: Principal, session: str) -> TurnState | None:
+        """The running turn a resume follows: the caller's newest, else the
+        session's newest; None when nothing runs (or there is no session)."""
+        _require(who, session, "subscribe")
+        if not await self.runtime.exists(session):
+            return None
+        hub = await self.runtime.hub(session)
+        active = list(hub.state.active.values())
+        if not active:
+            return None
+        own = [t for t in active if t.owner == who.client_id]
+        return (own or active)[-1]
 
     async def _submit(self, hub: Any, requester: str, messages: list[UIMessageIn], policy: str | None,
                       after: int) -> tuple[str, int]:
@@ -429,24 +481,24 @@ class AiSdk:
         return (outcome.started or outcome.queued)[0], after
 
     def _stream(self, who: Principal, session: str, turn_id: str, message_id: str | None,
-                after: int) -> TurnStream:
+                after: int, major: int) -> TurnStream:
         async def on_disconnect(stream: TurnStream) -> None:
             if self.app.config.aisdk_cancel_on_disconnect and who.can(session, "cancel"):
-                await self._cancel_dropped(who, stream)
+                await self.cancel_turn(who, stream.session, stream.turn_id, stream.sent_seq)
 
-        return TurnStream(self, session, turn_id, message_id, after, on_disconnect)
+        return TurnStream(self, session, turn_id, message_id, after, on_disconnect, major)
 
-    async def _cancel_dropped(self, who: Principal, stream: TurnStream) -> None:
-        """A client went away mid-turn and the server makes that a cancel:
-        persisted as of the last chunk handed to its connection."""
+    async def cancel_turn(self, who: Principal, session: str, turn_id: str, seen: int | None) -> None:
+        """Cancel one turn for a client that stopped following it (a dropped
+        fetch, a WebSocket ``abort``), persisted as of ``seen``: the last chunk
+        handed to its connection. Failures are logged, not raised."""
         try:
-            hub = await self.runtime.hub(stream.session)
-            _result, durable = await hub.cancel(who.client_id, CancelFilter(turn_id=stream.turn_id),
-                                                stream.sent_seq,
-                                                may_cancel_others=who.can(stream.session, "cancel-any"))
+            hub = await self.runtime.hub(session)
+            _result, durable = await hub.cancel(who.client_id, CancelFilter(turn_id=turn_id), seen,
+                                                may_cancel_others=who.can(session, "cancel-any"))
             await durable
         except Exception:
-            log.exception("cancel on disconnect in %s failed", stream.session)
+            log.exception("cancel of %s in %s failed", turn_id, session)
 
     # ------------------------------------------------------------ GET /api/chat/{id}/stream
 
@@ -454,16 +506,11 @@ class AiSdk:
         async def run() -> Any:
             who = self.app._http_principal(request)
             session = self.app._session(request)
-            _require(who, session, "subscribe")
-            if not await self.runtime.exists(session):
+            turn = await self.resumable_turn(who, session)
+            if turn is None:
                 return Response(status_code=204)
-            hub = await self.runtime.hub(session)
-            active = list(hub.state.active.values())
-            if not active:
-                return Response(status_code=204)
-            own = [t for t in active if t.owner == who.client_id]
-            turn = (own or active)[-1]
-            return self._stream(who, session, turn.turn_id, turn.message_id, turn.start_seq)
+            return self._stream(who, session, turn.turn_id, turn.message_id, turn.start_seq,
+                                sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
         return await self.app._guard(request, run)
 
