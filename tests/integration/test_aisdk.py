@@ -61,7 +61,10 @@ class NodeChats:
         if not (NODE_DIR / "node_modules" / major / "package.json").is_file():
             pytest.fail(f"the AI SDK ({major}) is not installed in tests/node: run `scripts/ensure-system-deps test` "
                         "(npm ci in tests/node)")
-        self.proc = subprocess.Popen([node, "chat_driver.mjs", major], cwd=NODE_DIR,
+        # Node 20 has the WHATWG WebSocket (for WebSocketChatTransport) behind a flag; 22 has it on.
+        version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+        flags = ["--experimental-websocket"] if int(version.lstrip("v").split(".")[0]) < 22 else []
+        self.proc = subprocess.Popen([node, *flags, "chat_driver.mjs", major], cwd=NODE_DIR,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
         self._ids = itertools.count(1)

@@ -373,6 +373,12 @@ class TurnlineApp:
 
         self.aisdk = AiSdk(self)
         routes += self.aisdk.routes()
+        from .aisdk_ws import PATH as AISDK_WS_PATH, chat_socket_endpoint
+
+        async def aisdk_ws(ws: WebSocket) -> None:
+            await chat_socket_endpoint(self.aisdk, ws)
+
+        routes.append(WebSocketRoute(AISDK_WS_PATH, aisdk_ws))
         if config.dev:
             routes.append(Route("/v1/dev/token", self.dev_token, methods=["POST", "GET"]))
         if (WEB_DIR / "index.html").exists():
@@ -456,6 +462,10 @@ class TurnlineApp:
             await conn.on_close()
 
     # ------------------------------------------------------------ HTTP
+
+    def principal(self, auth_header: str | None, query_token: str | None) -> Principal:
+        """The verified principal of a bearer token (``Authorization`` or ``?token=``)."""
+        return _principal(self.config.secret, auth_header, query_token)
 
     def _http_principal(self, request: Request) -> Principal:
         return _principal(self.config.secret, request.headers.get("authorization"), request.query_params.get("token"))
