@@ -28,7 +28,7 @@ import pytest
 
 from turnline.core.session import Session
 from turnline.protocol import ChunkEvent, Message, MessageEvent, TurnStart
-from turnline.server.aisdk import snapshot_cursor
+from turnline.server.aisdk_snapshot import snapshot_cursor
 from wsraw import Gate
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
