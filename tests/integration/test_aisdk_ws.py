@@ -76,6 +76,37 @@ def test_ws_abort_mid_stream_cancels_and_saves_what_was_shown(serve: Any, node: 
     assert shown["finishes"][-1]["isAbort"] is True
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_ws_abort_with_chunks_on_the_wire(serve: Any, node: Any, exact: bool) -> None:
+    """The server has sent w5..w9, still on the wire when the user presses
+    stop (the client shows up to w4). With turnline's aisdk-websocket.js the
+    abort says so and the saved answer is the screen's; the plain transport's
+    abort names no position, so what the server had sent is saved."""
+    more, never = Gate(), Gate()
+    agent = Script(*WORDS[:5], more, *WORDS[5:], never)
+    srv = serve(agent=agent)
+    chats = node("ai7", srv)
+    session = f"ws-wire-{exact}"
+    chats.call("new", name="a", chatId=session, exact=exact, **WS)
+    send = chats.start("send", name="a", text="count")
+    chats.call("wait-text", name="a", text="w4 ")
+    chats.call("hold", name="a")
+    more.open(srv)
+    chats.call("wait-held", name="a", count=5)  # w5..w9 reached the client's socket, not the transport
+    shown = chats.call("stop", name="a")
+    chats.call("release", name="a")  # they arrive after the abort: the transport drops them
+    chats.result(send)
+    turn = ended(srv, session)
+    assert turn.reason == "cancelled" and agent.aborted == [turn.turn_id]
+    (reply,) = assistants(chats.call("state", name="a"))
+    assert reply == assistants(shown)[0] and text(reply) == "".join(WORDS[:5])
+    saved = history(srv, session)[-1]
+    if exact:
+        assert visible(saved["parts"]) == visible(reply["parts"])
+    else:
+        assert text(saved) == "".join(WORDS)
+
+
 def test_ws_dropped_socket_resumes_mid_turn_with_no_duplicate(serve: Any, node: Any) -> None:
     """The socket drops after w4; the agent writes w5..w7 meanwhile; the
     resumed chat shows every word once, and the turn was never cancelled."""
@@ -100,6 +131,28 @@ def test_ws_dropped_socket_resumes_mid_turn_with_no_duplicate(serve: Any, node: 
     assert text(reply) == "".join(WORDS)  # no gap, no duplicate
     assert visible(reply["parts"]) == visible(history(srv, "ws-drop")[-1]["parts"])
     assert done["finishes"][-1]["finishReason"] == "stop"
+
+
+def test_ws_dropped_socket_cancels_when_set(serve: Any, node: Any) -> None:
+    more = Gate()
+    agent = Script(*WORDS[:5], more, *WORDS[5:])
+    srv = serve(agent=agent, server_config={"aisdk_cancel_on_disconnect": True})
+    chats = node("ai7", srv)
+    chats.call("new", name="a", chatId="ws-drop-cancel", **WS)
+    send = chats.start("send", name="a", text="count")
+    chats.call("wait-text", name="a", text="w4 ")
+    chats.call("drop", name="a")
+    chats.result(send)
+    until(srv, lambda _rt: srv.server.config.app.aisdk.disconnects >= 1, "the drop to be handled")
+    more.open(srv)
+    turn = ended(srv, "ws-drop-cancel")
+    assert turn.reason == "cancelled" and agent.aborted == [turn.turn_id]
+    assert text(history(srv, "ws-drop-cancel")[-1]) == "".join(WORDS[:5])  # as of the last chunk sent
+
+
+def test_turnline_serves_its_websocket_helper(serve: Any) -> None:
+    r = httpx.get(f"{serve(agent=Script('ok')).http}/aisdk-websocket.js", timeout=TIMEOUT)
+    assert r.status_code == 200 and "export function turnlineWebSocket" in r.text
 
 
 def test_ws_resume_with_nothing_active_is_no_active(serve: Any, node: Any) -> None:

@@ -12,6 +12,7 @@
 
 import { createRequire } from "node:module";
 import { createInterface } from "node:readline";
+import { turnlineWebSocket } from "../../src/turnline/web/aisdk-websocket.js";
 
 const [major] = process.argv.slice(2);
 let server = null; // {base, token}
@@ -76,10 +77,28 @@ function view(chat) {
   };
 }
 
+// The network under a WS transport's socket: while `held`, frames that arrive
+// wait (as if still on the wire) and reach the socket's handler on release.
+class Network extends (globalThis.WebSocket ?? class {}) {
+  held = null;
+  heldChanged = () => {};
+  set onmessage(handler) {
+    super.onmessage = handler == null ? handler : (event) => {
+      if (!this.held) return handler.call(this, event);
+      this.held.push(() => handler.call(this, event));
+      this.heldChanged();
+    };
+  }
+  get onmessage() { return super.onmessage; }
+  hold() { this.held = []; }
+  release() { const held = this.held ?? []; this.held = null; for (const deliver of held) deliver(); }
+}
+
 // The transport: `http` (DefaultChatTransport at /api/chat) or `ws`
-// (WebSocketChatTransport at /api/chat/ws, the token as ?token= or a subprotocol).
-// Every socket the WS transport opens is kept, so a test can drop one.
-function makeTransport({ transport = "http", auth = "query", sdkMajor, body }, sockets) {
+// (WebSocketChatTransport at /api/chat/ws, the token as ?token= or a subprotocol;
+// `exact`: with turnline's aisdk-websocket.js, whose abort says what was shown).
+// Every socket the WS transport opens is kept, so a test can drop or hold one.
+function makeTransport({ transport = "http", auth = "query", sdkMajor, body, exact = false }, sockets) {
   const { base, token } = server;
   if (transport === "http") {
     return new DefaultChatTransport({
@@ -88,7 +107,7 @@ function makeTransport({ transport = "http", auth = "query", sdkMajor, body }, s
       body,
     });
   }
-  class TrackedWebSocket extends globalThis.WebSocket {
+  class TrackedWebSocket extends (exact ? turnlineWebSocket(Network) : Network) {
     constructor(url, protocols) {
       super(url, protocols);
       sockets.push(this);
@@ -251,6 +270,23 @@ const handlers = {
     await closed;
     await waitFor(chat, () => chat.status === "error");
     return view(chat);
+  },
+  // frames for the chat's socket stay on the wire until `release`
+  hold: async (cmd) => { chats.get(cmd.name).sockets.at(-1).hold(); return {}; },
+  "wait-held": async (cmd) => {
+    const socket = chats.get(cmd.name).sockets.at(-1);
+    await new Promise((resolve) => {
+      socket.heldChanged = () => { if (socket.held.length >= cmd.count) resolve(); };
+      socket.heldChanged();
+    });
+    return { held: socket.held.length };
+  },
+  release: async (cmd) => {
+    const chat = chats.get(cmd.name);
+    const socket = chat.sockets.at(-1);
+    const count = socket.held?.length ?? 0;
+    socket.release();
+    return { released: count, ...view(chat) };
   },
   // a raw frame exchange on a new socket of the chat's server (no transport): the frames it
   // answers until the first end, error or no-active (or until `chunks` chunk frames came)

@@ -8,8 +8,10 @@ One socket carries any number of requests, each named by the client's
   the double-texting policy), then that turn's chunks;
 - ``resume`` ``{requestId, id, lastSequence?}``: the session's running turn,
   its chunks after ``lastSequence`` (all of them without one), or ``no-active``;
-- ``abort`` ``{requestId}``: the request's turn is cancelled, saved as of the
-  last chunk sent for that request (what the client showed, see docs/ai-sdk.md).
+- ``abort`` ``{requestId, lastSequence?}``: the request's turn is cancelled,
+  saved as of chunk ``lastSequence`` (an extension: the last one the client
+  showed, which turnline's ``web/aisdk-websocket.js`` adds), else as of the last
+  chunk sent for that request (see docs/ai-sdk.md).
 
 Server frames: ``start``, ``chunk`` ``{sequence, chunk}``, ``end``, ``error``
 ``{errorText}``, ``no-active``, each with its ``requestId``. ``sequence`` is
@@ -79,6 +81,17 @@ class _Streaming:
     task: asyncio.Task[None] | None = None
     turn_id: str | None = None
     sent_seq: int | None = None  # log seq of the last chunk sent for it (None: not streaming yet)
+    start_seq: int | None = None  # the log position the stream follows from
+    chunk_seqs: list[int] | None = None  # log seq of each chunk sequence, sent or skipped
+
+    def seen_at(self, last_sequence: int | None) -> int | None:
+        """The ``seen`` cursor of a stop: as of chunk ``last_sequence`` when the
+        client says which it showed last (-1: none), else as of what was sent."""
+        if last_sequence is None or self.chunk_seqs is None:
+            return self.sent_seq
+        if last_sequence < 0:
+            return self.start_seq
+        return self.chunk_seqs[min(last_sequence, len(self.chunk_seqs) - 1)] if self.chunk_seqs else self.start_seq
 
 
 def _token_of(ws: WebSocket) -> tuple[str | None, str | None]:
@@ -132,7 +145,7 @@ class ChatSocket:
             await self._refuse(raw, exc)
             return
         if frame.type == "abort":
-            await self.abort(frame.requestId)
+            await self.abort(frame.requestId, frame.lastSequence)
             return
         try:
             if frame.id is None:
@@ -142,7 +155,7 @@ class ChatSocket:
             if len(self.requests) >= MAX_REQUESTS:
                 raise CommandError(ErrorCode.RATE_LIMITED,
                                    f"{MAX_REQUESTS} requests are streaming on this socket; abort one first")
-            if frame.lastSequence is not None and frame.lastSequence < 0:
+            if frame.lastSequence is not None and frame.lastSequence < 0:  # (an abort's may be -1: nothing shown)
                 raise CommandError(ErrorCode.BAD_FRAME, "lastSequence is a chunk sequence, 0 or more")
         except CommandError as exc:
             await self.error(frame.requestId, exc.code, exc.message)
@@ -197,23 +210,26 @@ class ChatSocket:
     async def _stream(self, request_id: str, request: _Streaming, chunks: TurnChunks, after: int,
                       skip_through: int) -> None:
         await self.send({"type": "start", "requestId": request_id})
-        request.sent_seq = after  # nothing of the turn sent yet
-        sequence = -1
+        request.sent_seq = request.start_seq = after  # nothing of the turn sent yet
+        request.chunk_seqs = seqs = []
         async for batch in self.aisdk.runtime.store.follow(request.session, after):
             for seq, chunk in chunks.feed(batch):
                 if chunk is None:
                     await self.send({"type": "end", "requestId": request_id})
                     return
-                sequence += 1
+                sequence = len(seqs)
+                seqs.append(seq)
                 if sequence > skip_through:
                     await self.send({"type": "chunk", "requestId": request_id, "sequence": sequence,
                                      "chunk": chunk})
                 request.sent_seq = seq
         await self.error(request_id, ErrorCode.INTERNAL, "the log ended the stream (the server is stopping); resume it")
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, last_sequence: int | None = None) -> None:
         """The client's ``abort``: stop streaming the request and cancel its
-        turn (when the token may), saved as of the last chunk it was sent."""
+        turn (when the token may), saved as of the last chunk it was sent, or
+        as of chunk ``last_sequence`` when the client says which it showed
+        (an extension: turnline's ``aisdk-websocket.js`` adds it)."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return  # ended already, or never known: nothing to stop
@@ -222,7 +238,7 @@ class ChatSocket:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await request.task
         if request.turn_id is not None and self.who.can(request.session, "cancel"):
-            await self.aisdk.cancel_turn(self.who, request.session, request.turn_id, request.sent_seq)
+            await self.aisdk.cancel_turn(self.who, request.session, request.turn_id, request.seen_at(last_sequence))
 
     async def on_close(self) -> None:
         self.closed = True
