@@ -63,8 +63,8 @@ class NodeChats:
                         "(npm ci in tests/node)")
         # Node 20 has the WHATWG WebSocket (for WebSocketChatTransport) behind a flag; 22 has it on.
         version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-        flags = ["--experimental-websocket"] if int(version.lstrip("v").split(".")[0]) < 22 else []
-        self.proc = subprocess.Popen([node, *flags, "chat_driver.mjs", major], cwd=NODE_DIR,
+        self.node_flags = ["--experimental-websocket"] if int(version.lstrip("v").split(".")[0]) < 22 else []
+        self.proc = subprocess.Popen([node, *self.node_flags, "chat_driver.mjs", major], cwd=NODE_DIR,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
         self._ids = itertools.count(1)

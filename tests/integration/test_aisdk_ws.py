@@ -10,13 +10,16 @@ an outcome.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from test_aisdk import (  # noqa: F401  (drivers and node are fixtures)
-    MAJORS, TIMEOUT, WORDS, Script, assistants, drivers, ended, history, hub_state, live_text, node, text,
+    MAJORS, NODE_DIR, TIMEOUT, WORDS, Script, assistants, drivers, ended, history, hub_state, live_text, node, text,
     until, visible,
 )
 from wsraw import Gate
@@ -357,3 +360,29 @@ def test_experimental_send_queued_now_replaces_the_running_turn(serve: Any, node
     assert [text(m) for m in saved] == ["long one", "w0 w1 ", "shorter", "fine."]
     assert [visible(m["parts"]) for m in done["messages"]] == [visible(m["parts"]) for m in saved]
     assert json.dumps(done["finishes"][-1]["finishReason"]) == '"stop"'
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_ws_example_client_runs(serve: Any, node: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/ai_sdk_ws_client.mjs with ``ai`` resolved to the pinned ai 7."""
+    from turnline.agent.demo import agent as demo
+
+    monkeypatch.setenv("TURNLINE_DEMO_RATE", "100")
+    srv = serve(agent=demo)
+    chats = node("ai7", srv)  # fails clearly when node or the package is missing
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "examples").mkdir()
+    shutil.copy(root / "examples" / "ai_sdk_ws_client.mjs", tmp_path / "examples")
+    (tmp_path / "src").symlink_to(root / "src")
+    (tmp_path / "node_modules").mkdir()
+    (tmp_path / "node_modules" / "ai").symlink_to(NODE_DIR / "node_modules" / "ai7")
+    env = {"PATH": "/usr/bin:/bin", "TURNLINE_URL": srv.http, "TURNLINE_TOKEN": srv.token()}
+    done = subprocess.run([shutil.which("node") or "node", *chats.node_flags, "examples/ai_sdk_ws_client.mjs"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "answer: In Paris it is" in done.stdout, done.stdout
+    assert "finishReason: stop" in done.stdout, done.stdout
+    assert "resumed == history: yes" in done.stdout, done.stdout
+    assert "history == screen: yes" in done.stdout, done.stdout
