@@ -136,6 +136,22 @@ def test_ws_dropped_socket_resumes_mid_turn_with_no_duplicate(serve: Any, node: 
     assert done["finishes"][-1]["finishReason"] == "stop"
 
 
+def test_ws_abort_right_after_send_stops_the_turn_it_starts(serve: Any, node: Any) -> None:
+    never = Gate()
+    agent = Script("w0 ", never)
+    srv = serve(agent=agent)
+    chats = node("ai7", srv)
+    send = {"type": "send", "requestId": "s1", "id": "ws-quick", "trigger": "submit-message", "body": {},
+            "headers": {}, "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+    probe = {"type": "resume", "requestId": "p", "id": "elsewhere", "headers": {}, "body": {}}
+    # frames are handled in order: once the probe is answered the abort was
+    frames = chats.call("raw-ws", frames=[send, {"type": "abort", "requestId": "s1"}, probe])["frames"]
+    assert frames[-1] == {"type": "no-active", "requestId": "p"}
+    turn = ended(srv, "ws-quick")
+    assert turn.reason == "cancelled"
+    assert history(srv, "ws-quick")[-1]["metadata"]["interrupted"]["reason"] == "cancelled"
+
+
 def test_ws_dropped_socket_cancels_when_set(serve: Any, node: Any) -> None:
     more = Gate()
     agent = Script(*WORDS[:5], more, *WORDS[5:])
@@ -213,7 +229,7 @@ def test_ws_bad_frames_get_an_error_with_a_stable_code(serve: Any, node: Any, fr
     srv = serve(agent=Script("ok"))
     chats = node("ai7", srv)
     hello = {"type": "resume", "requestId": "after", "id": "c", "body": {}}
-    frames = chats.call("raw-ws", frames=[frame, hello], until=1)["frames"]
+    frames = chats.call("raw-ws", frames=[frame])["frames"]
     assert frames[0]["type"] == "error" and frames[0]["requestId"] == "x", frames
     assert frames[0]["errorText"].startswith(f"{code}: "), frames
     assert len(chats.call("raw-ws", frames=[hello])["frames"]) == 1  # the server keeps serving

@@ -83,12 +83,13 @@ class _Streaming:
     sent_seq: int | None = None  # log seq of the last chunk sent for it (None: not streaming yet)
     start_seq: int | None = None  # the log position the stream follows from
     chunk_seqs: list[int] | None = None  # log seq of each chunk sequence, sent or skipped
+    starting: asyncio.Future[tuple[str, str | None, int]] | None = None  # a send being accepted
 
     def seen_at(self, last_sequence: int | None) -> int | None:
         """The ``seen`` cursor of a stop: as of chunk ``last_sequence`` when the
         client says which it showed last (-1: none), else as of what was sent."""
         if last_sequence is None or self.chunk_seqs is None:
-            return self.sent_seq
+            return self.sent_seq if self.sent_seq is not None else self.start_seq
         if last_sequence < 0:
             return self.start_seq
         return self.chunk_seqs[min(last_sequence, len(self.chunk_seqs) - 1)] if self.chunk_seqs else self.start_seq
@@ -157,10 +158,19 @@ class ChatSocket:
                                    f"{MAX_REQUESTS} requests are streaming on this socket; abort one first")
             if frame.lastSequence is not None and frame.lastSequence < 0:  # (an abort's may be -1: nothing shown)
                 raise CommandError(ErrorCode.BAD_FRAME, "lastSequence is a chunk sequence, 0 or more")
+            try:
+                policy = msgspec.convert(frame.body.get("policy"), Optional[Policy])  # the transport's body option
+            except msgspec.ValidationError as exc:
+                raise CommandError(ErrorCode.BAD_FRAME, f"body.policy: {exc}") from None
         except CommandError as exc:
             await self.error(frame.requestId, exc.code, exc.message)
             return
         request = self.requests[frame.requestId] = _Streaming(frame.id)
+        if frame.type == "send":
+            # Started here, in frame order: an abort that follows finds it.
+            body = ChatRequest(id=frame.id, messages=frame.messages, trigger=frame.trigger,
+                               messageId=frame.messageId, policy=policy)
+            request.starting = asyncio.ensure_future(self.aisdk.start_turn(self.who, body))
         request.task = asyncio.ensure_future(self._run(frame, request))
 
     async def _refuse(self, raw: bytes, exc: CommandError) -> None:
@@ -179,11 +189,8 @@ class ChatSocket:
 
     async def _run(self, frame: WsRequest, request: _Streaming) -> None:
         try:
-            if frame.type == "send":
-                policy = msgspec.convert(frame.body.get("policy"), Optional[Policy])  # the transport's body option
-                body = ChatRequest(id=request.session, messages=frame.messages, trigger=frame.trigger,
-                                   messageId=frame.messageId, policy=policy)
-                turn_id, message_id, after = await self.aisdk.start_turn(self.who, body)
+            if request.starting is not None:  # a send
+                turn_id, message_id, after = await asyncio.shield(request.starting)  # decided even if dropped
                 skip = -1
             else:
                 turn = await self.aisdk.resumable_turn(self.who, request.session)
@@ -196,8 +203,6 @@ class ChatSocket:
             await self._stream(frame.requestId, request, TurnChunks(turn_id, message_id), after, skip)
         except CommandError as exc:
             await self.error(frame.requestId, exc.code, exc.message)
-        except msgspec.ValidationError as exc:  # the body's policy
-            await self.error(frame.requestId, ErrorCode.BAD_FRAME, str(exc))
         except (asyncio.CancelledError, WebSocketDisconnect):
             raise
         except Exception:
@@ -233,6 +238,13 @@ class ChatSocket:
         request = self.requests.pop(request_id, None)
         if request is None:
             return  # ended already, or never known: nothing to stop
+        starting = request.starting
+        if starting is not None:
+            # A stop right after the send: let the send be decided (cancelling
+            # it midway could start a turn nobody stops), then stop its turn.
+            await asyncio.wait([starting])
+            if request.turn_id is None and not starting.cancelled() and starting.exception() is None:
+                request.turn_id, _message_id, request.start_seq = starting.result()
         if request.task is not None:
             request.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -245,6 +257,8 @@ class ChatSocket:
         dropped = list(self.requests.values())
         self.requests.clear()
         for request in dropped:
+            if request.starting is not None:  # a send still being decided goes on; its failure is no one's now
+                request.starting.add_done_callback(lambda f: f.cancelled() or f.exception())
             if request.task is not None:
                 request.task.cancel()
         for request in dropped:
