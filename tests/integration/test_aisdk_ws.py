@@ -235,6 +235,21 @@ def test_ws_bad_frames_get_an_error_with_a_stable_code(serve: Any, node: Any, fr
     assert len(chats.call("raw-ws", frames=[hello])["frames"]) == 1  # the server keeps serving
 
 
+def test_ws_streams_at_most_32_requests_on_a_socket(serve: Any, node: Any) -> None:
+    never = Gate()
+    srv = serve(agent=Script("w0 ", never))
+    chats = node("ai7", srv)
+    chats.call("new", name="a", chatId="ws-many", **WS)
+    chats.start("send", name="a", text="hold")
+    chats.call("wait-text", name="a", text="w0 ")
+    resumes = [{"type": "resume", "requestId": f"r{i}", "id": "ws-many", "body": {}} for i in range(33)]
+    # each of the 32 gets the turn so far (start, text-start, w0): 96 chunks
+    frames = chats.call("raw-ws", frames=resumes, chunks=96)["frames"]
+    assert sorted(f["requestId"] for f in frames if f["type"] == "start") == sorted(f"r{i}" for i in range(32))
+    (refused,) = [f for f in frames if f["type"] == "error"]
+    assert refused["requestId"] == "r32" and refused["errorText"].startswith("rate_limited: "), refused
+
+
 def test_ws_refuses_a_bad_token_and_an_uncorrelated_frame(serve: Any, node: Any) -> None:
     srv = serve(agent=Script("ok"))
     chats = node("ai7", srv)
