@@ -220,6 +220,9 @@ BAD_FRAMES = [
     ({"type": "telepathy", "requestId": "x"}, "bad_frame"),
     ({"type": "send", "requestId": "x", "id": "c", "body": {"policy": "shout"},
       "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}, "bad_frame"),
+    ({"type": "send", "requestId": "x", "id": "c", "body": {},
+      "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "a" * (4 << 20)}]}]},
+     "too_large"),
 ]
 
 
