@@ -179,11 +179,11 @@ _CHUNK_TYPES = [
     "start", "start-step", "finish-step", "text-start", "text-delta", "text-end", "reasoning-start",
     "reasoning-delta", "reasoning-end", "tool-input-start", "tool-input-delta", "tool-input-available",
     "tool-input-error", "tool-output-available", "tool-output-error", "source-url", "source-document",
-    "file", "data-x", "data-y", "message-metadata", "finish", "error", "abort", "mystery",
+    "file", "steering-message", "data-x", "data-y", "message-metadata", "finish", "error", "abort", "mystery",
 ]
 _FIELDS = ["id", "delta", "toolCallId", "toolName", "inputTextDelta", "input", "output", "errorText",
            "messageId", "messageMetadata", "data", "transient", "dynamic", "preliminary", "providerExecuted",
-           "providerMetadata", "url", "sourceId", "mediaType", "title", "filename"]
+           "providerMetadata", "url", "sourceId", "mediaType", "parts", "title", "filename"]
 _values = st.one_of(_json, st.sampled_from(["c1", "t1", "n", '{"a": [1, "x', "{", '"'] + [""]))
 _chunk = st.builds(lambda kind, fields: {"type": kind, **fields}, st.sampled_from(_CHUNK_TYPES),
                    st.dictionaries(st.sampled_from(_FIELDS), _values, max_size=5))

@@ -28,7 +28,7 @@ import pytest
 
 from turnline.core.session import Session
 from turnline.protocol import ChunkEvent, Message, MessageEvent, TurnStart
-from turnline.server.aisdk import snapshot_cursor
+from turnline.server.aisdk_snapshot import snapshot_cursor
 from wsraw import Gate
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -61,7 +61,10 @@ class NodeChats:
         if not (NODE_DIR / "node_modules" / major / "package.json").is_file():
             pytest.fail(f"the AI SDK ({major}) is not installed in tests/node: run `scripts/ensure-system-deps test` "
                         "(npm ci in tests/node)")
-        self.proc = subprocess.Popen([node, "chat_driver.mjs", major], cwd=NODE_DIR,
+        # Node 20 has the WHATWG WebSocket (for WebSocketChatTransport) behind a flag; 22 has it on.
+        version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+        self.node_flags = ["--experimental-websocket"] if int(version.lstrip("v").split(".")[0]) < 22 else []
+        self.proc = subprocess.Popen([node, *self.node_flags, "chat_driver.mjs", major], cwd=NODE_DIR,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
         self._ids = itertools.count(1)

@@ -59,3 +59,14 @@ async def test_listed_origins_connect_and_pass_the_preflight(serve: Any) -> None
         r = await client.get(f"{srv.http}/healthz", headers={"Origin": "https://app.example.com"})
         assert r.headers["access-control-allow-origin"] == "https://app.example.com"
         assert "x-vercel-ai-ui-message-stream" in r.headers["access-control-expose-headers"]
+
+
+async def test_the_ai_sdk_websocket_route_checks_the_origin_too(serve: Any) -> None:
+    srv = serve(server_config={"cors_origins": ["https://app.example.com"]})
+    url = f"ws://127.0.0.1:{srv.port}/api/chat/ws?token={srv.token('alice')}"
+    status, body = await refused_status(url, "https://evil.example")
+    assert status == 403 and body["error"]["code"] == "forbidden", body
+    for origin in ("https://app.example.com", f"http://127.0.0.1:{srv.port}", None):
+        async with websockets.connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps({"type": "resume", "requestId": "r1", "chatId": "no-such-chat"}))
+            assert json.loads(await ws.recv())["type"] in ("no-active", "error")

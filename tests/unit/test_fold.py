@@ -351,11 +351,11 @@ _CHUNK_TYPES = [
     "start", "start-step", "finish-step", "text-start", "text-delta", "text-end", "reasoning-start",
     "reasoning-delta", "reasoning-end", "tool-input-start", "tool-input-delta", "tool-input-available",
     "tool-input-error", "tool-output-available", "tool-output-error", "source-url", "source-document",
-    "file", "data-x", "message-metadata", "finish", "error", "abort",
+    "file", "steering-message", "data-x", "message-metadata", "finish", "error", "abort",
 ]
 _FIELDS = ["id", "delta", "toolCallId", "toolName", "inputTextDelta", "input", "output", "errorText",
            "messageId", "messageMetadata", "data", "transient", "dynamic", "preliminary", "providerExecuted",
-           "providerMetadata", "url", "sourceId", "mediaType"]
+           "providerMetadata", "url", "sourceId", "mediaType", "parts"]
 _chunk = st.builds(
     lambda kind, fields: {"type": kind, **fields},
     st.sampled_from(_CHUNK_TYPES),

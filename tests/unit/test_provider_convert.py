@@ -118,6 +118,20 @@ def test_an_empty_interrupted_answer_sends_nothing() -> None:
                                                                   {"type": "text", "text": "Hello?"}]}]
 
 
+def test_a_steering_part_is_a_user_message_where_the_agent_took_it() -> None:
+    hist = [{"role": "user", "parts": [{"type": "text", "text": "cats"}]},
+            {"role": "assistant", "parts": [
+                {"type": "text", "text": "About cats.", "state": "done"},
+                {"type": "steering-message", "id": "s1", "parts": [{"type": "text", "text": "dogs"}]},
+                {"type": "text", "text": "About dogs.", "state": "done"}]}]
+    expected = [{"role": "user", "content": "cats"}, {"role": "assistant", "content": "About cats."},
+                {"role": "user", "content": "dogs"}, {"role": "assistant", "content": "About dogs."}]
+    assert to_openai_chat(hist) == expected
+    assert to_openai_responses(hist) == expected
+    assert to_anthropic(hist)[1] == [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                                     for m in expected]
+
+
 # ---------------------------------------------------------------- SSE lines
 
 

@@ -28,7 +28,7 @@ from ..protocol import (
 )
 from ..store.base import EventLog, Record, StoreError
 from .metrics import Metrics
-from .turn import Agent, CancelRequest, Turn, message_from_input
+from .turn import Agent, CancelRequest, Turn, finish_reason, message_from_input
 
 log = logging.getLogger("turnline.runtime")
 
@@ -609,7 +609,8 @@ class SessionHub:
                 events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "text-end", "id": turn._text_id},
                                          client_id=agent_id))
             if not turn._finished_chunk:
-                events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "finish"}, client_id=agent_id))
+                finish = {"type": "finish", "finishReason": finish_reason(self.state.active[turn.turn_id].fold)}
+                events.append(ChunkEvent(turn_id=turn.turn_id, chunk=finish, client_id=agent_id))
         elif reason == "cancelled":
             events.append(ChunkEvent(turn_id=turn.turn_id, chunk={"type": "abort"}, final=True, client_id=agent_id))
         else:

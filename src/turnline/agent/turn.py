@@ -37,6 +37,17 @@ OnCancel = Callable[[CancelRequest], Union[bool, Awaitable[bool]]]
 OnAbort = Callable[..., Awaitable[None]]  # (write) or (write, turn)
 
 
+# The ``finishReason`` values every supported ``ai`` major (5 to 7) accepts on ``finish``.
+FINISH_REASONS = frozenset({"stop", "length", "content-filter", "tool-calls", "error", "other"})
+
+
+def finish_reason(fold: Any) -> str:
+    """The ``finishReason`` of a turn that completed: its last model step's, as
+    the provider adapters record it in the message metadata, else ``stop``."""
+    reason = (fold.metadata if fold is not None else {}).get("finishReason")
+    return reason if reason in FINISH_REASONS else "stop"
+
+
 class Handler(Protocol):
     def __call__(self, turn: Turn) -> Any: ...
 
@@ -111,6 +122,8 @@ class Turn:
         self._close_auto_text(final)
         if chunk["type"] == "finish":
             self._finished_chunk = True
+            if "finishReason" not in chunk:  # the AI SDK's onFinish reports it
+                chunk = {**chunk, "finishReason": finish_reason(self.hub.state.active[self.turn_id].fold)}
         self.hub.append_chunk(self, chunk, final)
 
     def _close_auto_text(self, final: bool) -> None:
@@ -210,13 +223,21 @@ class Turn:
 
     async def next_input(self) -> Message:
         """Wait for the next steering message sent into this running turn."""
-        return await self._inbox.get()
+        return self._took(await self._inbox.get())
 
     def take_inputs(self) -> list[Message]:
         out = []
         while not self._inbox.empty():
-            out.append(self._inbox.get_nowait())
+            out.append(self._took(self._inbox.get_nowait()))
         return out
+
+    def _took(self, message: Message) -> Message:
+        # Where the agent takes a steering message is where its answer turns:
+        # a ``steering-message`` part there (the AI SDK 7 chunk), so every
+        # client and the saved message show the correction in place.
+        parts = [p for p in message.parts if p.get("type") in ("text", "file")]
+        self._write({"type": "steering-message", "id": message.id, "parts": parts}, final=False)
+        return message
 
     def _deliver(self, message: Message) -> None:
         self._inbox.put_nowait(message)

@@ -8,7 +8,9 @@ same on the server, in the Python client and in the browser:
 - a ``data-*`` chunk with the id of an earlier part of the same type replaces it;
   ``transient`` data chunks are never persisted;
 - tool parts move ``input-streaming`` → ``input-available`` → ``output-available``
-  or ``output-error``.
+  or ``output-error``;
+- ``steering-message`` (AI SDK 7: a message sent into the running turn) is a part
+  ``{type, id, parts}`` where the agent took it.
 """
 
 from __future__ import annotations
@@ -239,6 +241,7 @@ _HANDLERS = {
     "source-document": lambda f, c: f._copy_part(
         c, ("sourceId", "mediaType", "title", "filename", "providerMetadata")),
     "file": lambda f, c: f._copy_part(c, ("url", "mediaType", "providerMetadata")),
+    "steering-message": lambda f, c: f._copy_part(c, ("id", "parts")),
     "message-metadata": lambda f, c: f._merge_metadata(c.get("messageMetadata")),
     "finish": lambda f, c: f._merge_metadata(c.get("messageMetadata")),
     # Stream-level signals, not parts; the turn-end event carries their meaning.

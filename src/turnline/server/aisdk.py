@@ -30,9 +30,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..agent.runtime import CommandError
-from ..core.fold import MessageFold
 from ..core.session import Session, TurnState
 from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, encode
+from .aisdk_snapshot import snapshot_cursor
 from .app import TurnlineApp, _cancel_rights, _require
 from .auth import Principal
 
@@ -66,12 +66,26 @@ UI_CHUNK_TYPES = frozenset({
 _NULLABLE = frozenset({"input", "output", "data", "messageMetadata", "approvalDescriptor", "inputSchemaInput"})
 
 
-def ui_chunk(chunk: dict[str, Any], message_id: str) -> dict[str, Any] | None:
+# The ``ai`` major a client runs, when it says (the header ``x-ai-sdk-major``;
+# default: the newest). ai 5 and 6 reject a chunk type they do not know.
+NEWEST_MAJOR = 7
+SDK_MAJOR_HEADER = "x-ai-sdk-major"
+
+
+def sdk_major(value: str | None) -> int:
+    """The ``ai`` major named by a ``x-ai-sdk-major`` value (5 to 7), else the newest."""
+    return int(value) if value in ("5", "6", "7") else NEWEST_MAJOR
+
+
+def ui_chunk(chunk: dict[str, Any], message_id: str, major: int = NEWEST_MAJOR) -> dict[str, Any] | None:
     """The chunk as the UI message stream carries it, or None when it is not
-    part of that protocol. ``start`` always names the turn's assistant message."""
+    part of that protocol. ``start`` always names the turn's assistant message.
+    For ai 5 and 6, a ``steering-message`` (ai 7) goes as ``data-steering-message``."""
     kind = chunk.get("type")
     if not isinstance(kind, str) or not (kind in UI_CHUNK_TYPES or kind.startswith("data-")):
         return None
+    if kind == "steering-message" and major < 7:
+        return {"type": "data-steering-message", "id": str(chunk.get("id")), "data": {"parts": chunk.get("parts")}}
     if any(v is None and k not in _NULLABLE for k, v in chunk.items()):
         chunk = {k: v for k, v in chunk.items() if v is not None or k in _NULLABLE}
     if kind == "start" and chunk.get("messageId") != message_id:
@@ -121,99 +135,47 @@ class _Event(msgspec.Struct):
 _event_decoder = msgspec.json.Decoder(_Event)
 
 
-# ---------------------------------------------------------------- snapshot → seen
-
-
-_TOOL_RANK = {"input-streaming": 0, "input-available": 1, "output-available": 2, "output-error": 2}
-
-
-def _json_prefix(a: Any, b: Any) -> bool:
-    """Whether ``b`` extends ``a`` as a streamed JSON value grows: strings by
-    suffix, objects by keys, arrays by items (the partial tool input)."""
-    if a is None:
-        return True
-    if isinstance(a, str) and isinstance(b, str):
-        return b.startswith(a)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return all(k in b and _json_prefix(v, b[k]) for k, v in a.items())
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) <= len(b) and all(_json_prefix(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def _is_tool(part: dict[str, Any]) -> bool:
-    kind = part.get("type", "")
-    return kind == "dynamic-tool" or kind.startswith("tool-")
-
-
-def _part_relation(folded: dict[str, Any], shown: dict[str, Any]) -> str:
-    """``equal``, ``prefix`` (the client saw more of this part) or ``no``."""
-    kind = folded.get("type")
-    if not isinstance(shown, dict) or shown.get("type") != kind:
-        return "no"
-    if kind in ("text", "reasoning"):
-        a, b = folded.get("text", ""), shown.get("text")
-        if not isinstance(b, str) or not b.startswith(a):
-            return "no"
-        return "equal" if a == b else "prefix"
-    if _is_tool(folded):
-        if folded.get("toolCallId") != shown.get("toolCallId"):
-            return "no"
-        mine, theirs = _TOOL_RANK.get(folded.get("state", "")), _TOOL_RANK.get(shown.get("state", ""))
-        if mine is None or theirs is None or mine > theirs:
-            return "no"
-        if mine < theirs:
-            return "prefix"
-        if folded["state"] == "input-streaming":
-            if folded.get("input") == shown.get("input"):
-                return "equal"
-            return "prefix" if _json_prefix(folded.get("input"), shown.get("input")) else "no"
-        if folded["state"] != shown.get("state"):
-            return "no"
-        field = {"input-available": "input", "output-available": "output", "output-error": "errorText"}[folded["state"]]
-        return "equal" if folded.get(field) == shown.get(field) else "no"
-    if kind == "step-start":
-        return "equal"
-    # data-*, sources, files: what the fold keeps must be what the client shows
-    same = all(shown.get(k) == v for k, v in folded.items() if k != "state")
-    return "equal" if same else "no"
-
-
-def _parts_relation(folded: list[dict[str, Any]], shown: list[dict[str, Any]]) -> str:
-    if len(folded) > len(shown):
-        return "no"
-    result = "equal" if len(folded) == len(shown) else "prefix"
-    for f, s in zip(folded, shown):
-        rel = _part_relation(f, s)
-        if rel == "no":
-            return "no"
-        if rel == "prefix":
-            result = "prefix"
-    return result
-
-
-def snapshot_cursor(turn: TurnState, shown: list[dict[str, Any]]) -> tuple[int, bool]:
-    """Map what a client showed of a turn (its message's ``parts``) to a ``seen``
-    cursor: the last seq at which the fold of the turn's chunks is a prefix of
-    ``shown``. Returns it and whether the fold there equals ``shown``.
-
-    The fold at that seq is what ``seen`` persists, so the saved message is the
-    client's, whichever of the stop and the end of the turn reached the server
-    first. Parts the fold does not know (a newer SDK's) end the match there."""
-    fold = MessageFold(turn.message_id)
-    best = turn.start_seq
-    exact = _parts_relation(fold.parts, shown) == "equal"
-    for ev in turn.chunks:
-        fold.add(ev.chunk)
-        rel = _parts_relation(fold.parts, shown)
-        if rel != "no":
-            # Not stopping at the first mismatch: a data part replaced by id
-            # matches again once the fold reaches the version the client shows.
-            best, exact = ev.seq, rel == "equal"
-    return best, exact
-
-
 # ---------------------------------------------------------------- the stream
+
+
+class TurnChunks:
+    """One turn's UI message stream chunks, from the session log's records:
+    feed it the records in log order (from before the turn's start), it hands
+    back ``(seq, chunk)`` for each chunk to send and ``(seq, None)`` at the
+    turn's end. ``/api/chat`` (SSE) and ``/api/chat/ws`` both send these."""
+
+    def __init__(self, turn_id: str, message_id: str | None, major: int = NEWEST_MAJOR):
+        self.turn_id = turn_id
+        self.message_id = message_id
+        self.major = major
+        self.ended = False
+        self._started = False
+
+    def feed(self, batch: list[Any]) -> list[tuple[int, dict[str, Any] | None]]:
+        out: list[tuple[int, dict[str, Any] | None]] = []
+        for rec in batch:
+            if self.ended:
+                break
+            ev = _event_decoder.decode(rec.data)
+            if ev.turn_id != self.turn_id:
+                continue
+            if ev.type == "turn-start":
+                self.message_id = ev.message_id
+            elif ev.type == "chunk" and ev.chunk is not None:
+                message_id = self.message_id or ""
+                chunk = ui_chunk(ev.chunk, message_id, self.major)
+                if chunk is None:
+                    continue
+                if not self._started and chunk["type"] != "start":
+                    # A turn that failed before writing anything has no start of
+                    # its own; the client needs one to name the message.
+                    out.append((rec.seq, {"type": "start", "messageId": message_id}))
+                self._started = True
+                out.append((rec.seq, chunk))
+            elif ev.type == "turn-end":
+                self.ended = True
+                out.append((rec.seq, None))
+        return out
 
 
 class TurnStream:
@@ -224,15 +186,14 @@ class TurnStream:
     and reports that to ``on_disconnect`` unless the turn had ended."""
 
     def __init__(self, aisdk: AiSdk, session: str, turn_id: str, message_id: str | None, after: int,
-                 on_disconnect: Callable[[TurnStream], Awaitable[None]] | None):
+                 on_disconnect: Callable[[TurnStream], Awaitable[None]] | None, major: int = NEWEST_MAJOR):
         self.aisdk = aisdk
         self.session = session
         self.turn_id = turn_id
-        self.message_id = message_id
         self.after = after
         self.sent_seq = after  # the seq of the last chunk handed to the connection
         self.ended = False
-        self._started = False
+        self.chunks = TurnChunks(turn_id, message_id, major)
         self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -301,28 +262,7 @@ class TurnStream:
                 await task
 
     def _encode(self, batch: list[Any]) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        for rec in batch:
-            ev = _event_decoder.decode(rec.data)
-            if ev.turn_id != self.turn_id:
-                continue
-            if ev.type == "turn-start":
-                self.message_id = ev.message_id
-            elif ev.type == "chunk" and ev.chunk is not None:
-                message_id = self.message_id or ""
-                chunk = ui_chunk(ev.chunk, message_id)
-                if chunk is None:
-                    continue
-                if not self._started and chunk["type"] != "start":
-                    # A turn that failed before writing anything has no start of
-                    # its own; the client needs one to name the message.
-                    out.append((rec.seq, _sse({"type": "start", "messageId": message_id})))
-                self._started = True
-                out.append((rec.seq, _sse(chunk)))
-            elif ev.type == "turn-end":
-                out.append((rec.seq, DONE))
-                break
-        return out
+        return [(seq, DONE if chunk is None else _sse(chunk)) for seq, chunk in self.chunks.feed(batch)]
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -359,24 +299,44 @@ class AiSdk:
             app = self.app
             who = await app.http_principal(request)
             body: ChatRequest = await app._body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
-            session = body.id
-            _require(who, session, "publish")
-            messages = body.messages or ([body.message] if body.message is not None else [])
-            if not messages:
-                raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
-            hub = await self.runtime.hub(session)
-            after = hub.state.last_seq
-            if body.trigger == "regenerate-message":
-                target = body.messageId or messages[-1].id
-                outcome, durable = await hub.regenerate(who.client_id, target)
-                await durable
-                turn_id = outcome.started[0]
-            else:
-                turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
-            turn = hub.state.turns.get(turn_id)
-            return self._stream(who, session, turn_id, turn.message_id if turn else None, after)
+            turn_id, message_id, after = await self.start_turn(who, body)
+            return self._stream(who, body.id, turn_id, message_id, after, sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
         return await self.app._guard(request, run)
+
+    async def start_turn(self, who: Principal, body: ChatRequest) -> tuple[str, str | None, int]:
+        """Do what a chat request asks (a submit or a regeneration) on session
+        ``body.id``; returns the turn to stream, its message id (None while it
+        is queued) and the log position to follow it from."""
+        session = body.id
+        _require(who, session, "publish")
+        messages = body.messages or ([body.message] if body.message is not None else [])
+        if not messages:
+            raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
+        hub = await self.runtime.hub(session)
+        after = hub.state.last_seq
+        if body.trigger == "regenerate-message":
+            target = body.messageId or messages[-1].id
+            outcome, durable = await hub.regenerate(who.client_id, target)
+            await durable
+            turn_id = outcome.started[0]
+        else:
+            turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
+        turn = hub.state.turns.get(turn_id)
+        return turn_id, turn.message_id if turn else None, after
+
+    async def resumable_turn(self, who: Principal, session: str) -> TurnState | None:
+        """The running turn a resume follows: the caller's newest, else the
+        session's newest; None when nothing runs (or there is no session)."""
+        _require(who, session, "subscribe")
+        if not await self.runtime.exists(session):
+            return None
+        hub = await self.runtime.hub(session)
+        active = list(hub.state.active.values())
+        if not active:
+            return None
+        own = [t for t in active if t.owner == who.client_id]
+        return (own or active)[-1]
 
     async def _submit(self, hub: Any, requester: str, messages: list[UIMessageIn], policy: str | None,
                       after: int) -> tuple[str, int]:
@@ -429,24 +389,24 @@ class AiSdk:
         return (outcome.started or outcome.queued)[0], after
 
     def _stream(self, who: Principal, session: str, turn_id: str, message_id: str | None,
-                after: int) -> TurnStream:
+                after: int, major: int) -> TurnStream:
         async def on_disconnect(stream: TurnStream) -> None:
             if self.app.config.aisdk_cancel_on_disconnect and who.can(session, "cancel"):
-                await self._cancel_dropped(who, stream)
+                await self.cancel_turn(who, stream.session, stream.turn_id, stream.sent_seq)
 
-        return TurnStream(self, session, turn_id, message_id, after, on_disconnect)
+        return TurnStream(self, session, turn_id, message_id, after, on_disconnect, major)
 
-    async def _cancel_dropped(self, who: Principal, stream: TurnStream) -> None:
-        """A client went away mid-turn and the server makes that a cancel:
-        persisted as of the last chunk handed to its connection."""
+    async def cancel_turn(self, who: Principal, session: str, turn_id: str, seen: int | None) -> None:
+        """Cancel one turn for a client that stopped following it (a dropped
+        fetch, a WebSocket ``abort``), persisted as of ``seen``: the last chunk
+        handed to its connection. Failures are logged, not raised."""
         try:
-            hub = await self.runtime.hub(stream.session)
-            _result, durable = await hub.cancel(who.client_id, CancelFilter(turn_id=stream.turn_id),
-                                                stream.sent_seq,
-                                                may_cancel_others=who.can(stream.session, "cancel-any"))
+            hub = await self.runtime.hub(session)
+            _result, durable = await hub.cancel(who.client_id, CancelFilter(turn_id=turn_id), seen,
+                                                may_cancel_others=who.can(session, "cancel-any"))
             await durable
         except Exception:
-            log.exception("cancel on disconnect in %s failed", stream.session)
+            log.exception("cancel of %s in %s failed", turn_id, session)
 
     # ------------------------------------------------------------ GET /api/chat/{id}/stream
 
@@ -454,16 +414,11 @@ class AiSdk:
         async def run() -> Any:
             who = await self.app.http_principal(request)
             session = self.app._session(request)
-            _require(who, session, "subscribe")
-            if not await self.runtime.exists(session):
+            turn = await self.resumable_turn(who, session)
+            if turn is None:
                 return Response(status_code=204)
-            hub = await self.runtime.hub(session)
-            active = list(hub.state.active.values())
-            if not active:
-                return Response(status_code=204)
-            own = [t for t in active if t.owner == who.client_id]
-            turn = (own or active)[-1]
-            return self._stream(who, session, turn.turn_id, turn.message_id, turn.start_seq)
+            return self._stream(who, session, turn.turn_id, turn.message_id, turn.start_seq,
+                                sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
         return await self.app._guard(request, run)
 

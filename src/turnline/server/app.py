@@ -384,6 +384,12 @@ class TurnlineApp:
 
         self.aisdk = AiSdk(self)
         routes += self.aisdk.routes()
+        from .aisdk_ws import PATH as AISDK_WS_PATH, chat_socket_endpoint
+
+        async def aisdk_ws(ws: WebSocket) -> None:
+            await chat_socket_endpoint(self.aisdk, ws)
+
+        routes.append(WebSocketRoute(AISDK_WS_PATH, aisdk_ws))
         if config.dev:
             routes.append(Route("/v1/dev/token", self.dev_token, methods=["POST", "GET"]))
         if (WEB_DIR / "index.html").exists():
@@ -472,10 +478,13 @@ class TurnlineApp:
 
     # ------------------------------------------------------------ HTTP
 
+    async def principal(self, auth_header: str | None, query_token: str | None) -> Principal:
+        """The verified principal of a bearer token (``Authorization`` or ``?token=``)."""
+        return await _principal(self.verifier, auth_header, query_token)
+
     async def http_principal(self, request: Request) -> Principal:
         """The caller of an HTTP route, from its bearer token or ``?token=``."""
-        return await _principal(self.verifier, request.headers.get("authorization"),
-                                request.query_params.get("token"))
+        return await self.principal(request.headers.get("authorization"), request.query_params.get("token"))
 
     async def _read_limited(self, request: Request, limit: int | None = None) -> bytes:
         # Refuse an oversized body as it arrives instead of buffering all of it first.

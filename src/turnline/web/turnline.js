@@ -412,6 +412,7 @@ const HANDLERS = new Map([
   ["source-url", (f, c) => f._copyPart(c, ["sourceId", "url", "title", "providerMetadata"])],
   ["source-document", (f, c) => f._copyPart(c, ["sourceId", "mediaType", "title", "filename", "providerMetadata"])],
   ["file", (f, c) => f._copyPart(c, ["url", "mediaType", "providerMetadata"])],
+  ["steering-message", (f, c) => f._copyPart(c, ["id", "parts"])],
   ["message-metadata", (f, c) => f._mergeMetadata(get(c, "messageMetadata"))],
   ["finish", (f, c) => f._mergeMetadata(get(c, "messageMetadata"))],
   // stream-level signals, not parts: the turn-end event carries their meaning

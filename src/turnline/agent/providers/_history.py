@@ -16,6 +16,29 @@ def role_and_parts(message: Any) -> tuple[str, list[Part]]:
     return message.role, list(message.parts)
 
 
+def conversation(history: Iterable[Any]) -> Iterator[tuple[str, list[Part]]]:
+    """``(role, parts)`` of each message, in order; an assistant message that
+    holds ``steering-message`` parts (messages sent into its turn, where the
+    agent took them) is split there, each steer becoming a user message, as
+    the AI SDK's ``convertToModelMessages`` does."""
+    for message in history:
+        role, parts = role_and_parts(message)
+        if role != "assistant" or not any(p.get("type") == "steering-message" for p in parts):
+            yield role, parts
+            continue
+        current: list[Part] = []
+        for part in parts:
+            if part.get("type") == "steering-message":
+                if current:
+                    yield "assistant", current
+                current = []
+                yield "user", [p for p in part.get("parts") or [] if isinstance(p, dict)]
+            else:
+                current.append(part)
+        if current:
+            yield "assistant", current
+
+
 @dataclass
 class ToolResult:
     call_id: str

@@ -17,7 +17,7 @@ from ._base import (
     Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
     parse_json_event, parse_tool_input, request_headers, tool_input_done, usage_of,
 )
-from ._history import data_url, output_text, role_and_parts, steps, text_of, tool_result
+from ._history import conversation, data_url, output_text, steps, text_of, tool_result
 
 PROVIDER = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -189,8 +189,7 @@ def to_anthropic(history: Iterable[Any]) -> tuple[str | None, list[dict[str, Any
         else:
             out.append({"role": role, "content": blocks})
 
-    for message in history:
-        role, parts = role_and_parts(message)
+    for role, parts in conversation(history):
         if role == "system":
             system.append(text_of(parts))
         elif role == "user":

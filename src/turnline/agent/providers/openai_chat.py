@@ -17,7 +17,7 @@ from ._base import (
     Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
     parse_json_event, request_headers, tool_input_done, usage_of,
 )
-from ._history import arguments_text, output_text, role_and_parts, steps, text_of, tool_result, user_content
+from ._history import arguments_text, conversation, output_text, steps, text_of, tool_result, user_content
 
 PROVIDER = "openai.chat"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -158,8 +158,7 @@ def to_openai_chat(history: Iterable[Any], *, system: str | None = None) -> list
     is not sent back; tool calls without a result are left out.
     """
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    for message in history:
-        role, parts = role_and_parts(message)
+    for role, parts in conversation(history):
         if role == "system":
             out.append({"role": "system", "content": text_of(parts)})
         elif role == "user":

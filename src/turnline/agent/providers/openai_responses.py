@@ -16,7 +16,7 @@ from ._base import (
     Chunk, ProviderError, ProviderErrorCode, ProviderStream, StepDecoder, endpoint, finish_chunks,
     parse_json_event, request_headers, tool_input_done, usage_of,
 )
-from ._history import arguments_text, output_text, role_and_parts, steps, text_of, tool_result, user_content
+from ._history import arguments_text, conversation, output_text, steps, text_of, tool_result, user_content
 
 PROVIDER = "openai.responses"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -187,8 +187,7 @@ def to_openai_responses(history: Iterable[Any]) -> list[dict[str, Any]]:
     tool result a ``function_call`` item and its ``function_call_output``.
     Reasoning is not sent back; tool calls without a result are left out."""
     out: list[dict[str, Any]] = []
-    for message in history:
-        role, parts = role_and_parts(message)
+    for role, parts in conversation(history):
         if role == "system":
             out.append({"role": "system", "content": text_of(parts)})
         elif role == "user":
