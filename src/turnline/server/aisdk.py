@@ -33,7 +33,7 @@ from ..agent.runtime import CommandError
 from ..core.fold import MessageFold
 from ..core.session import Session, TurnState
 from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, encode
-from .app import TurnlineApp, _cancel_rights, _require
+from .app import TurnlineApp, _cancel_rights, _require, traceparent_header
 from .auth import Principal
 
 log = logging.getLogger("turnline.server.aisdk")
@@ -372,14 +372,15 @@ class AiSdk:
                 await durable
                 turn_id = outcome.started[0]
             else:
-                turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
+                turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after,
+                                                    traceparent_header(request))
             turn = hub.state.turns.get(turn_id)
             return self._stream(who, session, turn_id, turn.message_id if turn else None, after)
 
         return await self.app._guard(request, run)
 
     async def _submit(self, hub: Any, requester: str, messages: list[UIMessageIn], policy: str | None,
-                      after: int) -> tuple[str, int]:
+                      after: int, traceparent: str | None = None) -> tuple[str, int]:
         """Send the last user message; returns the turn to stream and the cursor
         to follow it from."""
         state: Session = hub.state
@@ -421,7 +422,8 @@ class AiSdk:
             elif earlier and earlier[-1].id in state.messages:
                 parent_id = earlier[-1].id  # the client's branch
             send.append(MessageIn(parts=last.parts, id=last.id, role="user", metadata=last.metadata))
-        outcome, durable = await hub.send(requester, send, policy=policy, parent_id=parent_id)
+        outcome, durable = await hub.send(requester, send, policy=policy, parent_id=parent_id,
+                                          traceparent=traceparent)
         await durable
         if outcome.rejected:
             raise CommandError(outcome.rejected if outcome.rejected == ErrorCode.BUSY else ErrorCode.CONFLICT,

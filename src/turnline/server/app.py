@@ -25,6 +25,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
+from ..agent.tracing import TRACEPARENT_MAX
 from ..protocol import (
     SEQ_MAX, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
@@ -84,6 +85,12 @@ class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
 class CancelBody(msgspec.Struct, omit_defaults=True):
     filter: CancelFilter | None = None
     seen: Seq | None = None
+
+
+def traceparent_header(request: Request) -> str | None:
+    """The request's W3C ``traceparent`` header (an over-long one is dropped unread)."""
+    value = request.headers.get("traceparent")
+    return value if value and len(value) <= TRACEPARENT_MAX else None
 
 
 def _principal(secret: str, auth_header: str | None, query_token: str | None) -> Principal:
@@ -284,7 +291,8 @@ class Connection:
             _require(who, frame.session, "publish")
             hub = await runtime.hub(frame.session)
             outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
-                                              parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen)
+                                              parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen,
+                                              traceparent=frame.traceparent)
             self.touched.add(frame.session)
             return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
         if isinstance(frame, Cancel):
@@ -520,7 +528,8 @@ class TurnlineApp:
                 raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
             hub = await self.runtime.hub(session)
             outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
-                                              parent_id=body.parent_id, steer=body.steer, seen=body.seen)
+                                              parent_id=body.parent_id, steer=body.steer, seen=body.seen,
+                                              traceparent=traceparent_header(request))
             await durable
             return JSONResponse(outcome.as_dict())
         return await self._guard(request, run)
