@@ -417,3 +417,53 @@ asyncio.run(main())
 """ % (TRACE_ID, PARENT_ID)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------- turnline serve --otel
+
+
+def _serve_otel(env: dict[str, str]) -> tuple[str, str]:
+    """Run ``turnline serve --otel`` with ``env``, send one message with a
+    traceparent, stop it (SIGINT: spans still batched are exported at exit);
+    returns (its stdout, the turn id)."""
+    import os
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "turnline.cli", "serve", "--otel", "--store", "memory://",
+                             "--port", str(port), "--secret", SECRET, "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until it listens
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/sessions/cli/messages", timeout=5,
+                               headers={"authorization": f"Bearer {mint(SECRET, 'alice', {'*': ['publish']}, 60)}",
+                                        "traceparent": TRACEPARENT},
+                               json={"messages": [{"parts": [{"type": "text", "text": "hi"}]}]})
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the server did not listen"
+                time.sleep(0.05)
+        assert r.status_code == 200, r.text
+        (turn_id,) = r.json()["turn_ids"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert out.startswith("turnline serving"), out
+    return out, turn_id
+
+
+def test_serve_otel_exports_spans_from_the_environment() -> None:
+    out, turn_id = _serve_otel({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "chat-svc"})
+    assert "otel:   a span per turn" in out
+    # the console exporter's JSON: the turn's span, in the sender's trace, under its service name
+    assert '"name": "invoke_agent demo"' in out and f'"turnline.turn.id": "{turn_id}"' in out
+    assert f'"trace_id": "0x{TRACE_ID}"' in out and f'"parent_id": "0x{PARENT_ID}"' in out
+    assert '"service.name": "chat-svc"' in out
+
+
+def test_serve_otel_is_off_with_otel_sdk_disabled() -> None:
+    out, _ = _serve_otel({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"})
+    assert "otel:" not in out and "invoke_agent" not in out
