@@ -341,6 +341,16 @@ class Connection:
                     durable.add_done_callback(_consume)
 
 
+def route_path(scope: Any) -> str:
+    """The path inside this app: mounted under a prefix (Starlette's ``Mount``,
+    ``--root-path``) the ASGI path still starts with the ``root_path``."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("cancel-on-disconnect was not stored: %s", fut.exception())
@@ -367,6 +377,7 @@ class TurnlineApp:
         # The voice pipeline's hook (binary frames, voice ops, closes), set by
         # turnline.voice.install_voice; voice sits above this layer.
         self.voice: Any = None
+        self._lifespan_entered = False
         routes = [
             WebSocketRoute("/v1/ws", self.ws_endpoint),  # under a root_path (__call__ takes the plain path)
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
@@ -401,7 +412,7 @@ class TurnlineApp:
                             headers=getattr(exc, "headers", None))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+        if scope["type"] == "websocket" and route_path(scope) == "/v1/ws":
             # Straight to the endpoint: routing and Starlette's exception
             # wrapper would sit on every frame sent.
             await self.ws_endpoint(WebSocket(scope, receive, send))
@@ -410,6 +421,21 @@ class TurnlineApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        """Opens the store and starts the runtime; closes both on the way out.
+        Mounted in another app, enter it from that app's lifespan (see
+        turnline.server.embed.mount); entered again while running, it does nothing."""
+        if self._lifespan_entered:
+            yield
+            return
+        self._lifespan_entered = True
+        try:
+            async with self._lifespan():
+                yield
+        finally:
+            self._lifespan_entered = False
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
         await self.runtime.store.open()
         try:
             await self.runtime.start()

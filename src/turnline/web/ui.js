@@ -36,7 +36,7 @@ export function tokenOptions(user, ui) {
   if (fixedToken) return { token: fixedToken };
   return {
     async getToken() {
-      const r = await fetch(`/v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
+      const r = await fetch(`v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
       if (!r.ok) {
         ui.tokenProblem = r.status === 404
           ? "This server is not in dev mode: open the page with ?token=… (turnline token --sub NAME)."
