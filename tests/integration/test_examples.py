@@ -17,6 +17,11 @@ EXPECTED = {
     "branching.py": ["‹ 2/2 ›", "back on the first branch:"],
     "steering.py": ["[switching to dogs, please]", "the steer started none"],
     "voice_cli.py": ["history == what was heard: yes", "agent then:   Mars"],
+    "otel_console.py": ["turn joined the app's trace: yes",
+                        "second turn: cancelled | its span's events: turnline.first_chunk, turnline.cancel_received, "
+                        "turnline.abort_fired"],
+    "fastapi_mount.py": ["answer over /chat/v1/ws: 'Hello from turnline, mounted at /chat. '",
+                         "history over /chat/v1/...: 2 messages", "mounted at /chat: yes", "app shutdown"],
 }
 # Run by test_providers.py, against the fake provider it needs.
 NEEDS_PROVIDER = {"openai_agent.py"}
