@@ -3,10 +3,11 @@
 The "app" starts a span and passes its W3C traceparent on `send`; the server's
 span of the turn becomes its child. A second answer is stopped mid-stream: its
 span records the cancel received and the abort fired (and, when the `seen`
-cursor cut chunks the screen never showed from the saved message, how many). Spans print on the console, one line each (drop the formatter
-for the SDK's full JSON); in production point an OTLP exporter at your
-collector instead. Provider calls (turnline.agent.providers) would show as
-`chat {model}` child spans with the GenAI attributes.
+cursor cut chunks the screen never showed from the saved message, how many).
+Spans print on the console, one line each (drop the formatter for the SDK's
+full JSON); in production point an OTLP exporter at your collector instead.
+Provider calls (turnline.agent.providers) would show as `chat {model}` child
+spans with the GenAI attributes.
 
     pip install 'turnline[otel]'
     python examples/otel_console.py

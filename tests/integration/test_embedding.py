@@ -77,7 +77,8 @@ HOSTS: dict[str, Callable[[TurnlineApp, Any], Any]] = {
 class Hosted:
     def __init__(self, build: Callable[[TurnlineApp, Any], Any], db: Path):
         self.steps: list[str] = []
-        self.runtime = Runtime(open_store(f"sqlite:///{db}"), as_agent(lambda turn: f"echo {turn.input.parts[0]['text']}"))
+        agent = as_agent(lambda turn: f"echo {turn.input.parts[0]['text']}")
+        self.runtime = Runtime(open_store(f"sqlite:///{db}"), agent)
         self.chat = create_app(self.runtime, ServerConfig(secret=SECRET, dev=True))
 
         @contextlib.asynccontextmanager

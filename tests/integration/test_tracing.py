@@ -467,3 +467,48 @@ def test_serve_otel_exports_spans_from_the_environment() -> None:
 def test_serve_otel_is_off_with_otel_sdk_disabled() -> None:
     out, _ = _serve_otel({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"})
     assert "otel:" not in out and "invoke_agent" not in out
+
+
+def test_serve_otel_exports_over_otlp_by_default() -> None:
+    # A collector on loopback: OTLP/HTTP, protobuf bodies at /v1/traces.
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    )
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    received: list[tuple[str, bytes]] = []
+
+    async def traces(request: Request) -> Response:
+        received.append((request.headers.get("content-type", ""), await request.body()))
+        return Response(ExportTraceServiceResponse().SerializeToString(), media_type="application/x-protobuf")
+
+    port = free_port()
+    collector = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])]),
+                                              host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(collector.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not collector.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the collector did not start"
+        time.sleep(0.01)
+    try:
+        _, turn_id = _serve_otel({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                                  "OTEL_SERVICE_NAME": "chat-svc"})
+    finally:
+        collector.should_exit = True
+        thread.join(10)
+    assert received and all(ctype == "application/x-protobuf" for ctype, _ in received)
+    spans = []
+    for _, body in received:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"]
+            spans += [(service, span) for scope in resource.scope_spans for span in scope.spans]
+    ((service, span),) = [(svc, s) for svc, s in spans
+                          if any(a.key == "turnline.turn.id" and a.value.string_value == turn_id for a in s.attributes)]
+    assert service == "chat-svc" and span.name == "invoke_agent demo"
+    assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_ID

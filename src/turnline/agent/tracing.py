@@ -16,6 +16,7 @@ exporter are the application's choice). See docs/observability.md.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import logging
 import os
 from collections import OrderedDict
@@ -308,14 +309,13 @@ def _otlp_exporter() -> Any:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     try:
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
+        # (the exporter is an optional install of the application's, hence no stubs to check against)
+        module = "grpc" if protocol == "grpc" else "http"
+        exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{module}.trace_exporter")
     except ImportError:
         raise RuntimeError("OTEL_TRACES_EXPORTER=otlp needs pip install opentelemetry-exporter-otlp "
                            "(or set OTEL_TRACES_EXPORTER=console)") from None
-    return OTLPSpanExporter()
+    return exporter_module.OTLPSpanExporter()
 
 
 def shutdown_tracing() -> None:
