@@ -21,8 +21,8 @@ SECRET = "examples-secret-" + "x" * 32
 
 
 @contextlib.asynccontextmanager
-async def local_server(agent: Any, *, policy: str = "concurrent",
-                       store: str = "memory://") -> AsyncIterator[tuple[str, Callable[[str], str]]]:
+async def local_server(agent: Any, *, policy: str = "concurrent", store: str = "memory://",
+                       config: RuntimeConfig | None = None) -> AsyncIterator[tuple[str, Callable[[str], str]]]:
     """Yields the WebSocket URL and a function minting a token for a client id."""
     if os.environ.get("TURNLINE_URL"):
         yield os.environ["TURNLINE_URL"], lambda _sub: os.environ["TURNLINE_TOKEN"]
@@ -30,7 +30,7 @@ async def local_server(agent: Any, *, policy: str = "concurrent",
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runtime = Runtime(open_store(store), as_agent(agent), RuntimeConfig(default_policy=policy))
+    runtime = Runtime(open_store(store), as_agent(agent), config or RuntimeConfig(default_policy=policy))
     app = create_app(runtime, ServerConfig(secret=SECRET))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.ensure_future(server.serve())

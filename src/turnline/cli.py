@@ -17,6 +17,8 @@ from .server.auth import AuthError, mint, parse_caps, resolve_secret
 
 DEMO_AGENT = "turnline.agent.demo:agent"
 GC_YOUNG_THRESHOLD = 50_000  # see _tune_gc
+OTEL_HELP = ("OpenTelemetry spans per turn and provider call (needs turnline[otel]); exporters from the "
+             "standard OTEL_* variables, OTEL_TRACES_EXPORTER=otlp|console|none (docs/observability.md)")
 
 
 def load_agent(spec: str):  # type: ignore[no-untyped-def]
@@ -117,11 +119,12 @@ def main() -> None:
 @click.option("--ws-deflate/--no-ws-deflate", default=False, show_default=True,
               help="accept permessage-deflate on WebSockets: smaller catch-ups over slow links, paid "
               "for with CPU on every frame and zlib memory on every connection")
+@click.option("--otel/--no-otel", default=False, show_default=True, help=OTEL_HELP)
 @click.option("--log-level", default="info", show_default=True)
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
           policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
-          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str,
-          **security: Any) -> None:
+          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, otel: bool,
+          log_level: str, **security: Any) -> None:
     """Run the server with an agent."""
     import uvicorn
 
@@ -134,13 +137,13 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     kind, where = parse_store_url(store_url)
     options = {"synchronous": sqlite_synchronous} if kind == "sqlite" else {}
     store = open_store(store_url, **options)
+    config = RuntimeConfig(default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace,
+                           tracing=_tracing(otel))
     if kind == "redis":
-        agent_spec, runtime = _gateway(store, agent_spec, RuntimeConfig(
-            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace), lease_ms)
+        agent_spec, runtime = _gateway(store, agent_spec, config, lease_ms)
     else:
         agent_spec = agent_spec or DEMO_AGENT
-        runtime = Runtime(store, load_agent(agent_spec), RuntimeConfig(
-            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace))
+        runtime = Runtime(store, load_agent(agent_spec), config)
     app = create_app(runtime, ServerConfig(secret=settings.shared_secret or (dev_secret and dev_secret[0]),
                                            dev=mode.on, verifier=verifier, cors_origins=origins,
                                            aisdk_cancel_on_disconnect=aisdk_cancel_on_disconnect))
@@ -153,6 +156,8 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     click.echo(f"  tokens: {verifier.describe()} from {' and '.join(settings.configured()) or 'the dev secret'}"
                + "".join(f", {name} {value}" for name, value in checks if value))
     click.echo(f"  cors:   {', '.join(origins) if origins else 'none (same-origin pages only)'}")
+    if config.tracing.enabled:
+        click.echo("  otel:   a span per turn and per provider call (docs/observability.md)")
     if voice:
         from .voice import install_voice
 
@@ -166,13 +171,28 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
         click.echo(f"  dev token (sub=dev, 24 h): {token}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     _tune_gc()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
-                            ws_per_message_deflate=ws_deflate)  # configures uvicorn's loggers
+    server_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20,
+                                   lifespan="on", ws_per_message_deflate=ws_deflate)  # configures uvicorn's loggers
     redact_tokens_in_logs()
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config)
     server.run()
+    if otel:
+        from .agent.tracing import shutdown_tracing
+
+        shutdown_tracing()  # export the spans still batched
     if not server.started:  # as uvicorn.run: a port in use is a failed start
         sys.exit(3)
+
+
+def _tracing(otel: bool):  # type: ignore[no-untyped-def]
+    from .agent.tracing import NO_TRACING, tracing_from_env
+
+    if not otel:
+        return NO_TRACING
+    try:
+        return tracing_from_env()
+    except RuntimeError as exc:
+        raise click.UsageError(f"--otel: {exc}") from None
 
 
 def _tune_gc() -> None:
@@ -219,9 +239,11 @@ def _gateway(store, agent_spec: str | None, config, lease_ms: int):  # type: ign
 @click.option("--idle-release", default=30.0, show_default=True, type=float,
               help="seconds after which a session with nothing running or queued is let go")
 @click.option("--id", "worker_id", default=None, help="worker id (default: w<pid>-<random>)")
+@click.option("--otel/--no-otel", default=False, show_default=True, help=OTEL_HELP)
 @click.option("--log-level", default="info", show_default=True)
 def worker(store_url: str, agent_spec: str, policy: str, queue_limit: int, abort_grace: float, lease_ms: int,
-           reaper_ms: int, concurrency: int, idle_release: float, worker_id: str | None, log_level: str) -> None:
+           reaper_ms: int, concurrency: int, idle_release: float, worker_id: str | None, otel: bool,
+           log_level: str) -> None:
     """Run an agent worker for gateways on Redis (`turnline serve --store redis://…`)."""
     import asyncio
     import signal
@@ -239,7 +261,8 @@ def worker(store_url: str, agent_spec: str, policy: str, queue_limit: int, abort
         raise click.BadParameter("letters, digits and . _ : - only", param_hint="--id")
     agent = load_agent(agent_spec)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = RuntimeConfig(default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace)
+    config = RuntimeConfig(default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace,
+                           tracing=_tracing(otel))
     cluster = ClusterConfig(lease_ms=lease_ms, reaper_interval_s=reaper_ms / 1000, concurrency=concurrency,
                             idle_release_s=idle_release)
 
@@ -258,6 +281,10 @@ def worker(store_url: str, agent_spec: str, policy: str, queue_limit: int, abort
         await stop.wait()
         await node.close()
         await store.close()
+        if otel:
+            from .agent.tracing import shutdown_tracing
+
+            shutdown_tracing()
 
     try:  # installed with uvicorn[standard]; the gateway's uvicorn uses it too
         import uvloop

@@ -247,6 +247,9 @@ class Send(ClientFrame, tag="send"):
     # Extension: for ``interrupt``/``rollback``, the sender's view cursor; the
     # turns the send cancels are persisted as of it, as with ``cancel.seen``.
     seen: Seq | None = None
+    # Extension: the sender's W3C trace context; with tracing on, the turn's
+    # span is its child (an invalid one is ignored, as W3C says). Not stored.
+    traceparent: Annotated[str, msgspec.Meta(max_length=512)] | None = None
 
 
 class Regenerate(ClientFrame, tag="regenerate"):

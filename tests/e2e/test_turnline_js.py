@@ -99,3 +99,30 @@ def test_a_refused_fixed_token_closes_with_unauthorized(chat_server: ChatServer,
     page.wait_for_function("() => conn.state === 'closed'", timeout=WAIT_MS)
     assert page.evaluate("() => conn.error.code") == "unauthorized"
     assert page.evaluate("() => window.failed") == "unauthorized"
+
+
+def test_send_passes_a_traceparent_to_the_turns_span(serve: Any, pages: Any) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from turnline.agent import RuntimeConfig
+    from turnline.agent.tracing import OtelTracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = serve(agent=lambda turn: "ok", config=RuntimeConfig(tracing=OtelTracing(provider)),
+                server_config={"dev": True})
+    page = library_page(pages, srv.http, new_session())
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    turn_id = page.evaluate("""async (tp) => {
+        const ack = await s.send('hi', {traceparent: tp});
+        const turnId = ack.turn_ids[0];
+        await new Promise((done) => { const t = setInterval(() => {
+            if (s.view.core.turns.get(turnId)?.reason) { clearInterval(t); done(); } }, 10); });
+        return turnId;
+    }""", f"00-{trace_id}-{parent_id}-01")
+    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get("turnline.turn.id") == turn_id]
+    assert format(span.context.trace_id, "032x") == trace_id and format(span.parent.span_id, "016x") == parent_id
+    provider.shutdown()

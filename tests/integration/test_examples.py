@@ -19,6 +19,11 @@ EXPECTED = {
     "voice_cli.py": ["history == what was heard: yes", "agent then:   Mars"],
     "langgraph_agent.py": ["Hello from LangGraph!", "reason: complete"],  # LangChain's fake chat model
     "pydantic_ai_agent.py": ["[weather(", "14°C, light rain", "reason: complete"],  # PydanticAI's TestModel
+    "otel_console.py": ["turn joined the app's trace: yes",
+                        "second turn: cancelled | its span's events: turnline.first_chunk, turnline.cancel_received, "
+                        "turnline.abort_fired"],
+    "fastapi_mount.py": ["answer over /chat/v1/ws: 'Hello from turnline, mounted at /chat. '",
+                         "history over /chat/v1/...: 2 messages", "mounted at /chat: yes", "app shutdown"],
 }
 # Run by test_providers.py, against the fake provider it needs.
 NEEDS_PROVIDER = {"openai_agent.py"}

@@ -330,7 +330,7 @@ async def _op_send(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, asyncio.Fut
         return asdict(done), _durable_now(hub)
     outcome, durable = await hub.send(a["requester"], messages, policy=a.get("policy"),
                                       parent_id=a.get("parent_id"), steer=a.get("steer"), seen=a.get("seen"),
-                                      turn_id=a.get("turn_id"))
+                                      turn_id=a.get("turn_id"), traceparent=a.get("traceparent"))
     return asdict(outcome), durable
 
 

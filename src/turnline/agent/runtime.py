@@ -28,6 +28,7 @@ from ..protocol import (
 )
 from ..store.base import EventLog, Record, StoreError
 from .metrics import Metrics
+from .tracing import NO_TRACING, Tracing
 from .turn import Agent, CancelRequest, Turn, finish_reason, message_from_input
 
 log = logging.getLogger("turnline.runtime")
@@ -57,6 +58,8 @@ class RuntimeConfig:
     # A session with nothing running is dropped from memory after this long
     # unused (None: never); its next use reloads it from the log.
     idle_evict_s: float | None = 300.0
+    # Spans per turn and provider call (turnline.agent.tracing.OtelTracing); off by default.
+    tracing: Tracing = NO_TRACING
 
 
 @dataclass
@@ -243,6 +246,7 @@ class SessionHub:
         self._emit([ChunkEvent(turn_id=turn.turn_id, chunk=chunk, final=final, client_id=self.runtime.agent_id)])
         if first:
             self._publish_presence()
+            turn.trace.first_chunk()
 
     def count_late_chunk(self) -> None:
         self.metrics.late_chunks.inc()
@@ -257,9 +261,11 @@ class SessionHub:
 
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
                    parent_id: str | None = None, steer: str | None = None, seen: int | None = None,
-                   turn_id: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+                   turn_id: str | None = None, traceparent: str | None = None,
+                   ) -> tuple[SendOutcome, asyncio.Future[None]]:
         """``turn_id`` names the turn this send starts or queues (default: a
-        new id); a caller that may retry passes one, to recognise its retry."""
+        new id); a caller that may retry passes one, to recognise its retry.
+        ``traceparent``: the sender's W3C trace context, the parent of the turn's span."""
         state = self.state
         cfg = self.runtime.config
         if policy is not None and not cfg.allow_policy_override:
@@ -296,6 +302,8 @@ class SessionHub:
             # in the tree for later ones to hang from.
             _, built = self._chain(requester, messages, ids, parent_id, None)
             turn_id = turn_id or new_id("turn")
+            if traceparent:
+                cfg.tracing.queued(turn_id, traceparent)
             fut = self.emit([Queued(message_id=ids[-1], position=len(state.queue) + 1, turn_id=turn_id,
                                     messages=built, client_id=requester)])
             return SendOutcome(ids, queued=[turn_id]), fut
@@ -323,6 +331,8 @@ class SessionHub:
                        CancelResult(request_id=request_id, cancelled=cancelled, rolled_back=rolled,
                                     client_id=agent_id)]
                 for t in cancelled:
+                    if t in self.turns:
+                        self.turns[t].trace.cancel_received(requester, seen)
                     self._abort(t, "interrupted")
                     if t in self.turns:
                         wait_for.append(self.turns[t].ended)
@@ -335,7 +345,7 @@ class SessionHub:
         turn_id = turn_id or new_id("turn")
         events.append(self._turn_start(turn_id, requester, ids[-1]))
         fut = self.emit(events)
-        self._launch(turn_id, wait_for)
+        self._launch(turn_id, wait_for, policy, traceparent)
         return SendOutcome(ids, started=[turn_id], cancelled=cancelled), fut
 
     def _chain(self, requester: str, messages: Sequence[MessageIn], ids: list[str], parent: str | None,
@@ -374,6 +384,9 @@ class SessionHub:
         received = time.perf_counter()
         flt = (flt or CancelFilter(own=True)).normalized()
         match = self.state.match_cancel(flt, requester, seen)
+        for t in match.matched:
+            if t in self.turns:
+                self.turns[t].trace.cancel_received(requester, seen)
 
         def owned(t: str) -> bool:
             return may_cancel_others or match.owners[t] == requester
@@ -446,6 +459,7 @@ class SessionHub:
         if turn is None:
             return
         if turn.abort_signal.abort(reason):
+            turn.trace.abort_fired(reason)
             loop = asyncio.get_running_loop()
             loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
 
@@ -496,7 +510,8 @@ class SessionHub:
             await asyncio.wait([task], timeout=self.runtime.config.abort_grace_s)
         await self.end_turn(turn, "cancelled")
 
-    def _launch(self, turn_id: str, wait_for: list[asyncio.Event]) -> None:
+    def _launch(self, turn_id: str, wait_for: list[asyncio.Event], policy: str | None = None,
+                traceparent: str | None = None) -> None:
         ts = self.state.turns[turn_id]
         self.metrics.turns_started.inc()
         self.metrics.active_turns.inc()
@@ -504,6 +519,10 @@ class SessionHub:
         input_msg = self.state.messages[ts.input_id]
         turn = Turn(self, turn_id=turn_id, owner=ts.owner, input=input_msg, message_id=ts.message_id,
                     history=[])
+        agent = self.runtime.agent
+        turn.trace = self.runtime.config.tracing.turn_started(
+            self.session_id, turn_id, ts.owner, policy=policy, traceparent=traceparent,
+            agent_name=agent.name if agent is not None else "none")
         self.turns[turn_id] = turn
         self._tasks[turn_id] = asyncio.ensure_future(self._run(turn, wait_for))
 
@@ -513,6 +532,7 @@ class SessionHub:
         pending = self.state.pending_cancels.get(turn.turn_id)
         if pending is None:
             return
+        turn.trace.cancel_received(pending.requester, pending.seen)
         allowed = pending.requester == turn.owner or turn.turn_id in self._privileged_pending
         self._privileged_pending.discard(turn.turn_id)
         if allowed:
@@ -527,6 +547,7 @@ class SessionHub:
 
     async def _run(self, turn: Turn, wait_for: list[asyncio.Event]) -> None:
         agent = self.runtime.agent
+        turn.trace.activate()
         try:
             await self._apply_pending_cancel(turn)
             if wait_for:
@@ -621,6 +642,7 @@ class SessionHub:
         message = self.state.persisted_message(turn.turn_id, reason)
         fut = self.emit([TurnEnd(turn_id=turn.turn_id, reason=reason, message=message, error=info,  # type: ignore[arg-type]
                                  client_id=agent_id)])
+        turn.trace.ended(self.state.turns[turn.turn_id], reason, info)
         self.metrics.turns_ended.labels(reason).inc()
         self.metrics.active_turns.dec()
         self.turns.pop(turn.turn_id, None)
@@ -644,7 +666,7 @@ class SessionHub:
         events.append(TurnStart(turn_id=nxt.turn_id, owner=nxt.owner, input_id=nxt.message_id,
                                 message_id=_reply_for(nxt.turn_id), client_id=self.runtime.agent_id))
         self.emit(events)
-        self._launch(nxt.turn_id, [])
+        self._launch(nxt.turn_id, [], "queue")
 
     def recover(self) -> None:
         """After a restart: turns the log shows running have lost their runner."""

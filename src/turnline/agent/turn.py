@@ -12,6 +12,7 @@ from typing import (
 
 from ..protocol import CancelFilter, Message, MessageIn
 from .signal import AbortSignal
+from .tracing import NO_TURN_TRACE, TurnTrace
 
 if TYPE_CHECKING:
     from .runtime import SessionHub
@@ -81,6 +82,7 @@ class Turn:
         self._abort_hook_ran = False
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self.upstream_after_abort = 0  # items the upstream produced after the abort
+        self.trace: TurnTrace = NO_TURN_TRACE  # set by the runtime when tracing is on
 
     # ------------------------------------------------------------ writing
 

@@ -593,12 +593,14 @@ class ClientTransport:
     # ------------------------------------------------------------ commands
 
     async def send(self, content: MessageLike | list[MessageLike], *, policy: str | None = None,
-                   parent_id: str | None = None, steer: str | None = None) -> dict[str, Any]:
+                   parent_id: str | None = None, steer: str | None = None,
+                   traceparent: str | None = None) -> dict[str, Any]:
         """Add user message(s); returns the ack's fields (``message_ids``,
         ``turn_ids``, and ``queued``/``rejected``/``cancelled`` when they
         apply). The messages show in the view at once (optimistic) under
         their client-generated ids. Sending without ``parent_id`` makes the
-        view follow the newest message again."""
+        view follow the newest message again. ``traceparent`` (W3C): with
+        tracing on, the server's span of the turn joins that trace."""
         messages = _to_messages(content)
         ids = [m.id for m in messages]
         view = self.view
@@ -615,7 +617,8 @@ class ClientTransport:
             view.select(None)
         frame: dict[str, Any] = {"op": "send", "session": self.session,
                                  "messages": [msgspec.to_builtins(m) for m in messages]}
-        for key, value in (("policy", policy), ("parent_id", parent_id), ("steer", steer)):
+        for key, value in (("policy", policy), ("parent_id", parent_id), ("steer", steer),
+                           ("traceparent", traceparent)):
             if value is not None:
                 frame[key] = value
         interrupting = policy in ("interrupt", "rollback") and steer is None

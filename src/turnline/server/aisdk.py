@@ -33,7 +33,7 @@ from ..agent.runtime import CommandError
 from ..core.session import Session, TurnState
 from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, encode
 from .aisdk_snapshot import snapshot_cursor
-from .app import TurnlineApp, _cancel_rights, _require
+from .app import TurnlineApp, _cancel_rights, _require, traceparent_header
 from .auth import Principal
 
 log = logging.getLogger("turnline.server.aisdk")
@@ -299,12 +299,13 @@ class AiSdk:
             app = self.app
             who = await app.http_principal(request)
             body: ChatRequest = await app._body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
-            turn_id, message_id, after = await self.start_turn(who, body)
+            turn_id, message_id, after = await self.start_turn(who, body, traceparent_header(request))
             return self._stream(who, body.id, turn_id, message_id, after, sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
         return await self.app._guard(request, run)
 
-    async def start_turn(self, who: Principal, body: ChatRequest) -> tuple[str, str | None, int]:
+    async def start_turn(self, who: Principal, body: ChatRequest,
+                         traceparent: str | None = None) -> tuple[str, str | None, int]:
         """Do what a chat request asks (a submit or a regeneration) on session
         ``body.id``; returns the turn to stream, its message id (None while it
         is queued) and the log position to follow it from."""
@@ -321,7 +322,7 @@ class AiSdk:
             await durable
             turn_id = outcome.started[0]
         else:
-            turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after)
+            turn_id, after = await self._submit(hub, who.client_id, messages, body.policy, after, traceparent)
         turn = hub.state.turns.get(turn_id)
         return turn_id, turn.message_id if turn else None, after
 
@@ -339,7 +340,7 @@ class AiSdk:
         return (own or active)[-1]
 
     async def _submit(self, hub: Any, requester: str, messages: list[UIMessageIn], policy: str | None,
-                      after: int) -> tuple[str, int]:
+                      after: int, traceparent: str | None = None) -> tuple[str, int]:
         """Send the last user message; returns the turn to stream and the cursor
         to follow it from."""
         state: Session = hub.state
@@ -381,7 +382,8 @@ class AiSdk:
             elif earlier and earlier[-1].id in state.messages:
                 parent_id = earlier[-1].id  # the client's branch
             send.append(MessageIn(parts=last.parts, id=last.id, role="user", metadata=last.metadata))
-        outcome, durable = await hub.send(requester, send, policy=policy, parent_id=parent_id)
+        outcome, durable = await hub.send(requester, send, policy=policy, parent_id=parent_id,
+                                          traceparent=traceparent)
         await durable
         if outcome.rejected:
             raise CommandError(outcome.rejected if outcome.rejected == ErrorCode.BUSY else ErrorCode.CONFLICT,

@@ -25,6 +25,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
+from ..agent.tracing import TRACEPARENT_MAX
 from ..protocol import (
     SEQ_MAX, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
@@ -87,6 +88,12 @@ class HttpBody(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
 class CancelBody(msgspec.Struct, omit_defaults=True):
     filter: CancelFilter | None = None
     seen: Seq | None = None
+
+
+def traceparent_header(request: Request) -> str | None:
+    """The request's W3C ``traceparent`` header (an over-long one is dropped unread)."""
+    value = request.headers.get("traceparent")
+    return value if value and len(value) <= TRACEPARENT_MAX else None
 
 
 async def _principal(verifier: Verifier, auth_header: str | None, query_token: str | None) -> Principal:
@@ -289,7 +296,8 @@ class Connection:
             _require(who, frame.session, "publish")
             hub = await runtime.hub(frame.session)
             outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
-                                              parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen)
+                                              parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen,
+                                              traceparent=frame.traceparent)
             self.touched.add(frame.session)
             return durable, ack_frame(frame.id, session=frame.session, **outcome.as_dict())
         if isinstance(frame, Cancel):
@@ -338,6 +346,16 @@ class Connection:
                     durable.add_done_callback(_consume)
 
 
+def route_path(scope: Any) -> str:
+    """The path inside this app: mounted under a prefix (Starlette's ``Mount``,
+    ``--root-path``) the ASGI path still starts with the ``root_path``."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("cancel-on-disconnect was not stored: %s", fut.exception())
@@ -370,6 +388,7 @@ class TurnlineApp:
             raise ValueError("dev mode mints tokens, so it needs the secret")
         self.verifier: Verifier = config.verifier or KeyVerifier.from_secret(config.secret or "")
         self.allowed_origins = frozenset(map(normalize_origin, config.cors_origins))
+        self._lifespan_entered = False
         routes = [
             WebSocketRoute("/v1/ws", self.ws_endpoint),  # under a root_path (__call__ takes the plain path)
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
@@ -411,7 +430,7 @@ class TurnlineApp:
                             headers=getattr(exc, "headers", None))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+        if scope["type"] == "websocket" and route_path(scope) == "/v1/ws":
             # Straight to the endpoint: routing and Starlette's exception
             # wrapper would sit on every frame sent.
             await self.ws_endpoint(WebSocket(scope, receive, send))
@@ -420,6 +439,21 @@ class TurnlineApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        """Opens the store and starts the runtime; closes both on the way out.
+        Mounted in another app, enter it from that app's lifespan (see
+        turnline.server.embed.mount); entered again while running, it does nothing."""
+        if self._lifespan_entered:
+            yield
+            return
+        self._lifespan_entered = True
+        try:
+            async with self._lifespan():
+                yield
+        finally:
+            self._lifespan_entered = False
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
         await self.runtime.store.open()
         try:
             await self.runtime.start()
@@ -546,7 +580,8 @@ class TurnlineApp:
                 raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
             hub = await self.runtime.hub(session)
             outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
-                                              parent_id=body.parent_id, steer=body.steer, seen=body.seen)
+                                              parent_id=body.parent_id, steer=body.steer, seen=body.seen,
+                                              traceparent=traceparent_header(request))
             await durable
             return JSONResponse(outcome.as_dict())
         return await self._guard(request, run)

@@ -117,11 +117,13 @@ class RemoteHub:
 
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
                    parent_id: str | None = None, steer: str | None = None,
-                   seen: int | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+                   seen: int | None = None, traceparent: str | None = None,
+                   ) -> tuple[SendOutcome, asyncio.Future[None]]:
         # Ids are named here, so that a retry of this send is recognised.
         named = [m if m.id is not None else msgspec.structs.replace(m, id=new_id("msg")) for m in messages]
         args: dict[str, Any] = {"requester": requester, "messages": msgspec.to_builtins(named)}
-        for key, value in (("policy", policy), ("parent_id", parent_id), ("steer", steer), ("seen", seen)):
+        for key, value in (("policy", policy), ("parent_id", parent_id), ("steer", steer), ("seen", seen),
+                           ("traceparent", traceparent)):  # the trace travels with the command to the worker
             if value is not None:
                 args[key] = value
         if steer is None:

@@ -40,7 +40,7 @@ const ui = {
   tokenProblem: null,
   forceScroll: true,
 };
-const conn = connect({ url: "/v1/ws", ...tokenOptions(user, ui) });
+const conn = connect({ url: "v1/ws", ...tokenOptions(user, ui) });
 let chat = null;
 
 // ------------------------------------------------------------------ sessions and routing

@@ -1790,9 +1790,10 @@ export class Session extends Emitter {
    * them. Resolves with the ack: {message_ids, turn_ids, queued?, rejected?, cancelled?}.
    * With `interrupt`/`rollback` the turns it stops are saved as this page shows them.
    * @param {string|object|Array<string|object>} content text, or {id?, role?, parts|text, metadata?}
-   * @param {{policy?: Policy, parentId?: string, steer?: string}} [options]
+   * @param {{policy?: Policy, parentId?: string, steer?: string, traceparent?: string}} [options]
+   *   traceparent: a W3C trace context; with tracing on, the server's span of the turn joins that trace
    */
-  async send(content, { policy, parentId, steer } = {}) {
+  async send(content, { policy, parentId, steer, traceparent } = {}) {
     if (policy !== undefined && !POLICIES.includes(policy)) throw new TypeError(`unknown policy ${policy}`);
     const messages = toMessages(content);
     const ids = messages.map((m) => m.id);
@@ -1810,6 +1811,7 @@ export class Session extends Emitter {
     if (policy !== undefined) frame.policy = policy;
     if (parentId !== undefined) frame.parent_id = parentId;
     if (steer !== undefined) frame.steer = steer;
+    if (traceparent !== undefined) frame.traceparent = traceparent; // W3C: the turn's span joins this trace
     const interrupting = (policy === "interrupt" || policy === "rollback") && steer === undefined;
     const request = ids[ids.length - 1];
     if (interrupting) {

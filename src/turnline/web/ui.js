@@ -36,7 +36,7 @@ export function tokenOptions(user, ui) {
   if (fixedToken) return { token: fixedToken };
   return {
     async getToken() {
-      const r = await fetch(`/v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
+      const r = await fetch(`v1/dev/token?sub=${encodeURIComponent(user)}`, { method: "POST" });
       if (!r.ok) {
         // 404/405: no such route (not in dev mode); 403: dev mode, but not for this
         // page (opened through a proxy or from another machine).

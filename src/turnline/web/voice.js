@@ -57,7 +57,7 @@ function parseJson(text) {
 const ui = { tokenProblem: null, wasReconnecting: false, bannerTimer: null };
 
 const link = new VoiceLink();
-const conn = connect({ url: "/v1/ws", WebSocket: link.WebSocket, ...tokenOptions(user, ui) });
+const conn = connect({ url: "v1/ws", WebSocket: link.WebSocket, ...tokenOptions(user, ui) });
 
 const sessionId = sessionFromHash() ?? newId("chat");
 if (!sessionFromHash()) history.replaceState(null, "", `#${sessionId}`);

@@ -24,6 +24,7 @@ import httpx
 from ...protocol import ErrorCode
 from ..runtime import CommandError
 from ..signal import AbortSignal
+from ..tracing import current_tracing
 
 Chunk = dict[str, Any]
 
@@ -396,44 +397,57 @@ class ProviderStream:
         await self._gen.aclose()
 
     async def _chunks(self) -> AsyncIterator[Chunk]:
-        client = self.client or shared_client()
-        decoder = self.decoder
-        status: int | None = None  # once the response's head arrived
-        events = 0
+        # A span per call when tracing is on (a child of the turn's span); else a no-op.
+        call = current_tracing().call_started(self.provider, self.url, self.body)
+        error: BaseException | None = None
+        stopped = False
         try:
-            async with client.stream("POST", self.url, json=self.body, headers=self.headers,
-                                     timeout=self.timeout) as response:
-                status = response.status_code
-                if status >= 400:
-                    body = b""
-                    async for piece in response.aiter_bytes():
-                        body += piece
-                        if len(body) > _ERROR_BODY_LIMIT:
-                            break
-                    raise http_error(self.provider, response, body)
-                ctype = response.headers.get("content-type", "")
-                if not ctype.startswith("text/event-stream"):
-                    raise ProviderError(ProviderErrorCode.STREAM_BROKEN, self.provider,
-                                        f"expected an event stream from {self._shown_url}, got "
-                                        f"{ctype or 'no content type'} (HTTP {status})", status=status)
-                lines = SSELines()
-                async for line in response.aiter_lines():
-                    event = lines.feed(line)
-                    if event is None or decoder.result.complete:
-                        continue  # after the terminal event, read on to EOF so the connection is reused
-                    events += 1
-                    for chunk in decoder.feed(*event):
+            client = self.client or shared_client()
+            decoder = self.decoder
+            status: int | None = None  # once the response's head arrived
+            events = 0
+            try:
+                async with client.stream("POST", self.url, json=self.body, headers=self.headers,
+                                         timeout=self.timeout) as response:
+                    status = response.status_code
+                    if status >= 400:
+                        body = b""
+                        async for piece in response.aiter_bytes():
+                            body += piece
+                            if len(body) > _ERROR_BODY_LIMIT:
+                                break
+                        raise http_error(self.provider, response, body)
+                    ctype = response.headers.get("content-type", "")
+                    if not ctype.startswith("text/event-stream"):
+                        raise ProviderError(ProviderErrorCode.STREAM_BROKEN, self.provider,
+                                            f"expected an event stream from {self._shown_url}, got "
+                                            f"{ctype or 'no content type'} (HTTP {status})", status=status)
+                    lines = SSELines()
+                    async for line in response.aiter_lines():
+                        event = lines.feed(line)
+                        if event is None or decoder.result.complete:
+                            continue  # after the terminal event, read on to EOF so the connection is reused
+                        events += 1
+                        for chunk in decoder.feed(*event):
+                            yield chunk
+                    tail = lines.feed("")
+                    if tail is not None and not decoder.result.complete:
+                        for chunk in decoder.feed(*tail):
+                            yield chunk
+                    for chunk in decoder.close():
                         yield chunk
-                tail = lines.feed("")
-                if tail is not None and not decoder.result.complete:
-                    for chunk in decoder.feed(*tail):
-                        yield chunk
-                for chunk in decoder.close():
-                    yield chunk
-        except httpx.RequestError as exc:
-            if status is None:
-                raise ProviderError(ProviderErrorCode.UNREACHABLE, self.provider,
-                                    f"cannot reach {self._shown_url}: {type(exc).__name__}: {exc}") from exc
-            raise ProviderError(ProviderErrorCode.STREAM_BROKEN, self.provider,
-                                f"the stream broke mid-way (HTTP {status}, after {events} events): "
-                                f"{type(exc).__name__}: {exc}") from exc
+            except httpx.RequestError as exc:
+                if status is None:
+                    raise ProviderError(ProviderErrorCode.UNREACHABLE, self.provider,
+                                        f"cannot reach {self._shown_url}: {type(exc).__name__}: {exc}") from exc
+                raise ProviderError(ProviderErrorCode.STREAM_BROKEN, self.provider,
+                                    f"the stream broke mid-way (HTTP {status}, after {events} events): "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        except (GeneratorExit, asyncio.CancelledError):
+            stopped = True  # closed before its end: a cancel, or a consumer that stopped reading
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.ended(self.decoder.result, error, stopped)
