@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from nodedriver import NODE_DIR, TIMEOUT, NodeDriver
-from test_aisdk import RICH, WORDS, Script, auth, ended, history, hub_state, live_text, text
+from test_aisdk import RICH, WORDS, Script, auth, ended, history, hub_state, live_text, text, until
 from wsraw import Gate
 
 
@@ -71,6 +71,13 @@ def sse(raw: str) -> list[tuple[str | None, dict[str, Any]]]:
 
 def saved_reply(srv: Any, session: str) -> dict[str, Any]:
     return history(srv, session)[-1]
+
+
+def dropped_streams(srv: Any, count: int) -> str:
+    """Once ``count`` dropped streams were handled: the server's /metrics text."""
+    agui = srv.server.config.app.agui
+    until(srv, lambda _rt: agui.disconnects >= count, f"{count} dropped stream(s) to be handled")
+    return httpx.get(f"{srv.http}/metrics").text
 
 
 # ---------------------------------------------------------------- with the real @ag-ui/client
@@ -159,6 +166,7 @@ def test_dropped_stream_resumes_with_last_event_id_no_gap_no_duplicate(serve: An
     node.call("wait-text", name="a", text="w4 ")
     node.call("abort", name="a")  # the fetch drops: by default that cancels nothing
     dropped = node.settled(run)
+    assert 'turnline_agui_dropped_streams_total{cancelled="false"} 1.0' in dropped_streams(srv, 1)
     more.open(srv)
     live_text(srv, "ag-resume", "w7 ")  # written while no client was attached
     assert hub_state(srv.runtime, "ag-resume").active  # the turn goes on
@@ -185,6 +193,7 @@ def test_a_drop_cancels_when_the_client_opted_in(serve: Any, agui: Any) -> None:
     node.call("wait-text", name="a", text="w4 ")
     node.call("abort", name="a")
     shown = node.settled(run)
+    assert 'turnline_agui_dropped_streams_total{cancelled="true"} 1.0' in dropped_streams(srv, 1)
     turn = ended(srv, "ag-drop")
     assert turn.reason == "cancelled" and agent.aborted == [turn.turn_id]
     assert text(saved_reply(srv, "ag-drop")) == assistant_text(shown) == "".join(WORDS[:5])

@@ -23,6 +23,7 @@ import logging
 from typing import Annotated, Any, AsyncIterator
 
 import msgspec
+from prometheus_client import Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -122,18 +123,22 @@ class RunStream:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         relay = asyncio.ensure_future(self._relay(send))
         gone = asyncio.ensure_future(_until_disconnect(receive))
+        self.agui.open_streams.inc()
         try:
             await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.agui.open_streams.dec()
             relay.cancel()
             gone.cancel()
             results = await asyncio.gather(relay, gone, return_exceptions=True)
         if isinstance(results[0], Exception):
             log.error("AG-UI stream of %s failed", self.session, exc_info=results[0])
         if gone.done() and not gone.cancelled() and not self.ended:
-            self.agui.disconnects += 1
-            if self.cancel_on_disconnect and self.who.can(self.session, "cancel"):
+            cancel = self.cancel_on_disconnect and self.who.can(self.session, "cancel")
+            if cancel:
                 await self.agui.cancel_dropped(self)
+            self.agui.dropped.labels("true" if cancel else "false").inc()
+            self.agui.disconnects += 1
 
     async def _relay(self, send: Any) -> None:
         async for data in self._frames():
@@ -225,6 +230,10 @@ class AgUi:
         self.app = app
         self.runtime = app.runtime
         self.disconnects = 0  # streams whose client went away mid-run (handled)
+        registry = app.runtime.metrics.registry
+        self.open_streams = Gauge("turnline_agui_streams", "Open AG-UI run streams", registry=registry)
+        self.dropped = Counter("turnline_agui_dropped_streams", "AG-UI streams whose client went away mid-run, "
+                               "by whether that cancelled the run", ["cancelled"], registry=registry)
 
     def routes(self) -> list[Route]:
         return [
