@@ -15,6 +15,9 @@ from the server (every wait bounded); no sleep decides an outcome.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -295,3 +298,25 @@ def test_auth_and_bad_input(serve: Any) -> None:
         assert r.status_code == 200 and sse(r.text)[-1][1]["type"] == "RUN_FINISHED"
         r = client.post("/ag-ui", json=body, headers=auth(srv))  # the same message again, answered already
         assert r.status_code == 409
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_example_client_runs(serve: Any, driver: NodeDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/ag_ui_client.mjs, with @ag-ui/client resolved to the pinned one."""
+    from turnline.agent.demo import agent as demo
+
+    monkeypatch.setenv("TURNLINE_DEMO_RATE", "100")
+    srv = serve(agent=demo)
+    example = Path(__file__).resolve().parents[2] / "examples" / "ag_ui_client.mjs"
+    shutil.copy(example, tmp_path / example.name)
+    (tmp_path / "node_modules" / "@ag-ui").mkdir(parents=True)
+    (tmp_path / "node_modules" / "@ag-ui" / "client").symlink_to(NODE_DIR / "node_modules" / "@ag-ui" / "client")
+    env = {"PATH": "/usr/bin:/bin", "TURNLINE_URL": srv.http, "TURNLINE_TOKEN": srv.token()}
+    done = subprocess.run([shutil.which("node") or "node", example.name], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for expected in ("resumed, run success", "no word lost or repeated: yes", "run cancelled",
+                     "history == screen: yes"):
+        assert expected in done.stdout, done.stdout
