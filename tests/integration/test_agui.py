@@ -225,6 +225,34 @@ def test_second_run_on_the_thread_sends_only_the_new_message(serve: Any, agui: A
     assert [m["id"] for m in done["messages"]] == [m["id"] for m in saved]
 
 
+def test_a_queued_run_streams_once_its_turn_starts(serve: Any, agui: Any) -> None:
+    gate = Gate()
+
+    async def agent(turn: Any) -> Any:
+        prompt = turn.input.parts[0]["text"]
+        if prompt == "first":
+            yield "one "
+            await gate.wait()
+        yield f"answer to {prompt}"
+
+    srv = serve(agent=agent)
+    node = agui(srv)
+    node.call("new", name="a", threadId="ag-queue")
+    node.call("new", name="b", threadId="ag-queue")
+    first = node.start("run", name="a", text="first", runId="run-first")
+    node.call("wait-text", name="a", text="one ")
+    second = node.start("run", name="b", text="second", runId="run-second", forwardedProps={"policy": "queue"})
+    until(srv, lambda rt: hub_state(rt, "ag-queue").queue, "the second message to be queued")
+    # the default policy is concurrent; this run asks for the queue
+    assert node.call("state", name="b")["events"] == []  # queued: its stream is quiet
+    gate.open(srv)
+    a, b = node.settled(first), node.settled(second)
+    assert assistant_text(a) == "one answer to first"
+    assert assistant_text(b) == "answer to second"
+    assert b["events"][0]["runId"] == "run-second" and b["events"][-1]["outcome"] == {"type": "success"}
+    assert [m["role"] for m in history(srv, "ag-queue")] == ["user", "assistant", "user", "assistant"]
+
+
 # ---------------------------------------------------------------- raw HTTP
 
 

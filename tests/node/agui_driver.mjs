@@ -128,7 +128,11 @@ const handlers = {
     const agent = agents.get(cmd.name);
     const id = cmd.messageId ?? `m-${process.pid}-${++messageCounter}`;
     agent.addMessage({ id, role: "user", content: cmd.content ?? cmd.text });
-    background(cmd.id, agent.runAgent(cmd.runId ? { runId: cmd.runId } : {}), agent);
+    const parameters = {
+      ...(cmd.runId && { runId: cmd.runId }),
+      ...(cmd.forwardedProps && { forwardedProps: cmd.forwardedProps }),
+    };
+    background(cmd.id, agent.runAgent(parameters), agent);
     return null; // answered when it settles
   },
   // AG-UI's re-attach: connectAgent() → connect() above
