@@ -253,6 +253,24 @@ def test_a_queued_run_streams_once_its_turn_starts(serve: Any, agui: Any) -> Non
     assert [m["role"] for m in history(srv, "ag-queue")] == ["user", "assistant", "user", "assistant"]
 
 
+def test_a_queued_run_cancelled_before_it_starts_finishes_cancelled(serve: Any, agui: Any) -> None:
+    never = Gate()
+    srv = serve(agent=Script("busy ", never))
+    node = agui(srv)
+    node.call("new", name="a", threadId="ag-qcancel")
+    node.call("new", name="b", threadId="ag-qcancel")
+    node.start("run", name="a", text="first", runId="run-busy")
+    node.call("wait-text", name="a", text="busy ")
+    second = node.start("run", name="b", text="second", runId="run-waiting", forwardedProps={"policy": "queue"})
+    until(srv, lambda rt: hub_state(rt, "ag-qcancel").queue, "the second message to be queued")
+    cancel = node.call("cancel", name="b", runId="run-waiting")
+    assert cancel["body"]["cancelled"] == ["run-waiting"], cancel
+    done = node.settled(second)
+    assert types(done) == ["RUN_STARTED", "RUN_FINISHED"]
+    assert done["events"][-1]["outcome"] == {"type": "cancelled"}
+    assert hub_state(srv.runtime, "ag-qcancel").active  # the first run goes on
+
+
 # ---------------------------------------------------------------- raw HTTP
 
 

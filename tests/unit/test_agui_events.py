@@ -147,6 +147,15 @@ def test_a_turn_that_ends_before_its_start_is_seen_still_opens_its_run() -> None
         {"type": "RUN_ERROR", "message": "the turn failed"}]
 
 
+def test_a_queued_run_cancelled_before_it_started_finishes_cancelled() -> None:
+    tr = RunTranslator("thread-1", T, "run-q")
+    assert tr.feed({"type": "queued", "message_id": "u2", "position": 1, "turn_id": T}, 3) == []
+    assert tr.feed({"type": "cancel-result", "request_id": "q", "cancelled": ["turn-0"]}, 4) == []
+    assert brief(tr.feed({"type": "cancel-result", "request_id": "q", "cancelled": [T]}, 5)) == [
+        ("RUN_STARTED",), ("RUN_FINISHED", {"type": "cancelled"})]
+    assert tr.ended and tr.feed({"type": "turn-start", "turn_id": T, "message_id": M}, 6) == []
+
+
 def test_other_turns_private_chunks_and_anything_after_the_end_are_left_out() -> None:
     tr = RunTranslator("thread-1", T)
     log = turn_events({"type": "agent-private", "x": 1}, {"type": "text-delta", "id": "nope", "delta": "x"},

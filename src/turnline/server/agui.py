@@ -360,7 +360,8 @@ class AgUi:
                 seen = seq if index is None else seq - 1
             hub = await app.existing_hub(session)
             if body.runId is not None:
-                if body.runId not in hub.state.turns:
+                state = hub.state
+                if body.runId not in state.turns and all(q.turn_id != body.runId for q in state.queue):
                     raise CommandError(ErrorCode.NOT_FOUND, f"no run {body.runId} in {session}")
                 flt = CancelFilter(turn_id=body.runId)
             else:

@@ -78,9 +78,18 @@ class RunTranslator:
             return []
         if kind == "cancel-result":
             seen = self._cancel_seen.pop(str(event.get("request_id")), None)
-            if seen is not None and self.turn_id in (event.get("cancelled") or ()):
+            if self.turn_id not in (event.get("cancelled") or ()) or self.ended:
+                return []
+            if seen is not None:
                 self.cut = seen
-            return []
+            if self.started:
+                return []
+            # A queued run cancelled before its turn started: it never will.
+            self.started = self.ended = True
+            self._ts = event.get("ts") or 0
+            return [self._ev("RUN_STARTED", threadId=self.thread_id, runId=self.run_id),
+                    self._ev("RUN_FINISHED", threadId=self.thread_id, runId=self.run_id,
+                             outcome={"type": "cancelled"})]
         if event.get("turn_id") != self.turn_id or self.ended:
             return []
         self._ts = event.get("ts") or 0
