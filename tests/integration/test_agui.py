@@ -366,3 +366,26 @@ def test_example_client_runs(serve: Any, driver: NodeDriver, tmp_path: Path, mon
     for expected in ("resumed, run success", "no word lost or repeated: yes", "run cancelled",
                      "history == screen: yes"):
         assert expected in done.stdout, done.stdout
+
+
+def test_reattach_picks_the_requesters_run_or_the_one_named(serve: Any) -> None:
+    gate = Gate()
+
+    async def agent(turn: Any) -> Any:
+        yield f"{turn.owner} "
+        await gate.wait()
+
+    srv = serve(agent=agent)
+    alice, bob = auth(srv, "alice"), auth(srv, "bob")
+    with httpx.Client(base_url=srv.http, timeout=TIMEOUT) as client:
+        # bob's run starts first: the newest is alice's, and bob still gets his own
+        with client.stream("POST", "/ag-ui", json=run_input("ag-two-runs", "b", "ub", "run-b"), headers=bob), \
+                client.stream("POST", "/ag-ui", json=run_input("ag-two-runs", "a", "ua", "run-a"), headers=alice):
+            live_text(srv, "ag-two-runs", "alice ")
+            live_text(srv, "ag-two-runs", "bob ")
+            with client.stream("GET", "/ag-ui/ag-two-runs/stream", headers=bob) as own, \
+                    client.stream("GET", "/ag-ui/ag-two-runs/stream?runId=run-a", headers=bob) as named:
+                gate.open(srv)
+                mine, theirs = sse(own.read().decode()), sse(named.read().decode())
+    assert mine[0][1]["runId"] == "run-b" and "".join(ev.get("delta", "") for _, ev in mine) == "bob "
+    assert theirs[0][1]["runId"] == "run-a" and "".join(ev.get("delta", "") for _, ev in theirs) == "alice "
