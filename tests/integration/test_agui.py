@@ -160,6 +160,26 @@ def test_abort_then_cancel_with_seen_saves_exactly_what_the_client_showed(serve:
     assert [m["id"] for m in again["messages"]] == [m["id"] for m in shown["messages"]]
 
 
+def test_a_cancel_with_seen_that_loses_the_race_to_the_end_still_saves_the_clients_view(serve: Any,
+                                                                                         agui: Any) -> None:
+    more = Gate()
+    srv = serve(agent=Script(*WORDS[:5], more, *WORDS[5:]))
+    node = agui(srv)
+    node.call("new", name="a", threadId="ag-race")
+    run = node.start("run", name="a", text="count", runId="run-race")
+    node.call("wait-text", name="a", text="w4 ")
+    node.call("abort", name="a")
+    shown = node.settled(run)
+    more.open(srv)
+    assert ended(srv, "ag-race").reason == "complete"  # the end reached the server first
+    cancel = node.call("cancel", name="a", runId="run-race", seen=True)
+    assert cancel["body"]["cancelled"] == ["run-race"], cancel  # revised
+    assert text(saved_reply(srv, "ag-race")) == assistant_text(shown) == "".join(WORDS[:5])
+    again = node.settled(node.start("resume", name="a"))
+    assert again["events"][-1]["outcome"] == {"type": "cancelled"}  # the run as it is saved
+    assert assistant_text(again) == "".join(WORDS[:5])
+
+
 def test_dropped_stream_resumes_with_last_event_id_no_gap_no_duplicate(serve: Any, agui: Any) -> None:
     more, rest = Gate(), Gate()
     srv = serve(agent=Script(*WORDS[:5], more, *WORDS[5:8], rest, *WORDS[8:]))

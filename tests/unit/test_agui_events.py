@@ -133,6 +133,13 @@ def test_cancelled_turn_closes_what_is_open_and_finishes_cancelled() -> None:
     assert well_formed(events)
 
 
+def test_a_revised_turn_ends_as_it_is_saved() -> None:
+    tr = RunTranslator("thread-1", T)
+    tr.revised_reason = "cancelled"
+    out = [ev for seq, event in turn_events(*text("0", "a")) for ev in tr.feed(event, seq)]
+    assert out[-1]["outcome"] == {"type": "cancelled"}
+
+
 def test_error_turn_is_run_error_with_its_code() -> None:
     events = translate(turn_events(*text("0", "x")[:2], {"type": "error", "errorText": "boom"}, reason="error",
                                    error={"code": "agent_error", "message": "boom"}))

@@ -320,6 +320,8 @@ class AgUi:
             translator = RunTranslator(session, turn.turn_id)
             if turn.cancel is not None and turn.cancel.seen is not None:
                 translator.cut = turn.cancel.seen  # the chunks past it are not what is saved
+            if turn.revised and turn.reason is not None:
+                translator.revised_reason = turn.reason
             return RunStream(self, who, session, translator, turn.start_seq - 1, cursor, _opted_in(request))
 
         return await self.app.guarded(request, run)

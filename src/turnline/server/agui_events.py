@@ -66,6 +66,10 @@ class RunTranslator:
         # it; the stream drops the later ones too, so it shows what is saved.
         self._cancel_seen: dict[str, int] = {}
         self.cut: int | None = None
+        # A turn that ended complete and was then revised to cancelled (a stop
+        # with ``seen`` that lost the race to its end): a stream made after
+        # that ends the run as it is saved.
+        self.revised_reason: str | None = None
 
     # ------------------------------------------------------------ feeding
 
@@ -114,7 +118,7 @@ class RunTranslator:
                 out.append(self._ev("RUN_STARTED", threadId=self.thread_id, runId=self.run_id))
                 self.started = True
             self.ended = True
-            reason = event.get("reason")
+            reason = self.revised_reason or event.get("reason")
             if reason == "error":
                 error = event.get("error") or {}
                 fields: dict[str, Any] = {"message": str(error.get("message") or "the turn failed")}
