@@ -12,7 +12,7 @@
   ship without an auth check being tested.
 - Within one session, a token without ``cancel-any`` stops none of another
   client's turns: not running, queued or not yet started ones, by any filter,
-  by an ``interrupt``/``rollback`` send, or by the AI SDK stop.
+  by an ``interrupt``/``rollback`` send, or by the AI SDK stop or the AG-UI cancel.
 - Forged, tampered, ``alg`` swapped, expired, not yet valid, sub-less and
   malformed tokens are ``unauthorized`` on every route.
 - Identity is not payload: ``client_id``/``sub``/``owner`` in a frame, body,
@@ -210,6 +210,17 @@ HTTP_ACTIONS: dict[str, tuple[tuple[str, str], Act]] = {
         "POST", "/api/chat/{s}/stop", lambda v: {"messageId": "no-such-message"})),
     "aisdk-stop-own": (("POST", "/api/chat/{session}/stop"), http_action("POST", "/api/chat/{s}/stop",
                                                                         lambda v: {})),
+    "agui-run": (("POST", "/ag-ui"), http_action("POST", "/ag-ui", lambda v: {
+        "threadId": v.session, "runId": "agui-run", "messages": [{"id": "agui-1", "role": "user", "content": "hi"}]})),
+    "agui-stream": (("GET", "/ag-ui/{session}/stream"), http_action("GET", "/ag-ui/{s}/stream")),
+    "agui-stream-after": (("GET", "/ag-ui/{session}/stream"), http_action("GET", "/ag-ui/{s}/stream",
+                                                                          params={"after": "1"})),
+    "agui-cancel-run": (("POST", "/ag-ui/{session}/cancel"), http_action(
+        "POST", "/ag-ui/{s}/cancel", lambda v: {"runId": v.held_turn, "seen": 1})),
+    "agui-cancel-unknown-run": (("POST", "/ag-ui/{session}/cancel"), http_action(
+        "POST", "/ag-ui/{s}/cancel", lambda v: {"runId": "no-such-run"})),
+    "agui-cancel-own": (("POST", "/ag-ui/{session}/cancel"), http_action("POST", "/ag-ui/{s}/cancel",
+                                                                         lambda v: {})),
 }
 ACTIONS: dict[str, Act] = {**{k: a for k, (_, a) in WS_ACTIONS.items()}, **{k: a for k, (_, a) in HTTP_ACTIONS.items()}}
 # Ops that need no capability: liveness, and leaving one's own subscription.
@@ -218,12 +229,12 @@ UNGUARDED_OPS = {"ping", "unsubscribe"}
 
 def session_routes(srv: RunningServer) -> set[tuple[str, str]]:
     """Every (method, path) of the app that acts on a session: a ``{session}``
-    path parameter, or (AI SDK) the chat id in the body of ``/api/chat``."""
+    path parameter, or the session id in the body (``/api/chat``, ``/ag-ui``)."""
     app = srv.server.config.app
     out = set()
     for route in app.starlette.routes:
         path = getattr(route, "path", "")
-        if "{session}" in path or path == "/api/chat" or "{id}" in path:
+        if "{session}" in path or path in ("/api/chat", "/ag-ui") or "{id}" in path:
             out |= {(m, path) for m in (getattr(route, "methods", None) or ()) if m != "HEAD"}
     return out
 
@@ -296,6 +307,9 @@ async def test_without_cancel_any_no_filter_stops_another_clients_turns(serve: A
         reply = (await bob.wait_event(s, "turn-start", turn_id=running))["message_id"]
         r = await c.post(f"{srv.http}/api/chat/{s}/stop", json={"messageId": reply, "parts": []})
         assert r.status_code == 200 and r.json()["cancelled"] == [], r.text
+        for body in ({}, {"runId": running, "seen": 1}, {"runId": queued_turn}):
+            r = await c.post(f"{srv.http}/ag-ui/{s}/cancel", json=body)
+            assert r.status_code == 200 and r.json()["cancelled"] == [], r.text
 
     # Nothing of bob's was stopped: his turn completes, then his queued turn runs.
     assert not [e for e in bob.events[s] if e["type"] == "turn-end" and e["reason"] == "cancelled"]
@@ -403,6 +417,13 @@ async def test_identity_is_never_taken_from_frames_bodies_queries_or_headers(ser
                             json={"id": s, **SPOOF, "messages": [say("three", id="ai-3", role="user", **SPOOF)]}) as r:
             assert r.status_code == 200
             await r.aread()
+        run_input = {"threadId": s, "runId": "agui-ident", **SPOOF, "forwardedProps": SPOOF,
+                     "messages": [{"id": "agui-4", "role": "user", "content": "four", **SPOOF}]}
+        async with c.stream("POST", f"{srv.http}/ag-ui", params={"client_id": "mallory"}, json=run_input) as r:
+            assert r.status_code == 200
+            await r.aread()
+        r = await c.post(f"{srv.http}/ag-ui/{s}/cancel", params={"client_id": "mallory"}, json=SPOOF)
+        assert r.status_code == 200, r.text
     log = await settled_log(srv, s)
     actors = {e["client_id"] for e in log if e["type"] in ("message", "cancel")}
     owners = {e["owner"] for e in log if e["type"] == "turn-start"}

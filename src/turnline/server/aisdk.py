@@ -33,7 +33,7 @@ from ..agent.runtime import CommandError
 from ..core.session import Session, TurnState
 from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, encode
 from .aisdk_snapshot import snapshot_cursor
-from .app import TurnlineApp, _cancel_rights, _require, traceparent_header
+from .app import TurnlineApp, cancel_rights, require, traceparent_header
 from .auth import Principal
 
 log = logging.getLogger("turnline.server.aisdk")
@@ -298,11 +298,11 @@ class AiSdk:
         async def run() -> Any:
             app = self.app
             who = await app.http_principal(request)
-            body: ChatRequest = await app._body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
+            body: ChatRequest = await app.read_body(request, ChatRequest, limit=app.config.aisdk_max_body_bytes)
             turn_id, message_id, after = await self.start_turn(who, body, traceparent_header(request))
             return self._stream(who, body.id, turn_id, message_id, after, sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
-        return await self.app._guard(request, run)
+        return await self.app.guarded(request, run)
 
     async def start_turn(self, who: Principal, body: ChatRequest,
                          traceparent: str | None = None) -> tuple[str, str | None, int]:
@@ -310,7 +310,7 @@ class AiSdk:
         ``body.id``; returns the turn to stream, its message id (None while it
         is queued) and the log position to follow it from."""
         session = body.id
-        _require(who, session, "publish")
+        require(who, session, "publish")
         messages = body.messages or ([body.message] if body.message is not None else [])
         if not messages:
             raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
@@ -329,7 +329,7 @@ class AiSdk:
     async def resumable_turn(self, who: Principal, session: str) -> TurnState | None:
         """The running turn a resume follows: the caller's newest, else the
         session's newest; None when nothing runs (or there is no session)."""
-        _require(who, session, "subscribe")
+        require(who, session, "subscribe")
         if not await self.runtime.exists(session):
             return None
         hub = await self.runtime.hub(session)
@@ -415,14 +415,14 @@ class AiSdk:
     async def get_stream(self, request: Request) -> Response:
         async def run() -> Any:
             who = await self.app.http_principal(request)
-            session = self.app._session(request)
+            session = self.app.session_param(request)
             turn = await self.resumable_turn(who, session)
             if turn is None:
                 return Response(status_code=204)
             return self._stream(who, session, turn.turn_id, turn.message_id, turn.start_seq,
                                 sdk_major(request.headers.get(SDK_MAJOR_HEADER)))
 
-        return await self.app._guard(request, run)
+        return await self.app.guarded(request, run)
 
     # ------------------------------------------------------------ POST /api/chat/{id}/stop
 
@@ -430,11 +430,11 @@ class AiSdk:
         async def run() -> Response:
             app = self.app
             who = await app.http_principal(request)
-            session = app._session(request)
+            session = app.session_param(request)
             # Before any lookup: a token without rights here learns nothing of
             # the session (not even whether it or a message exists).
-            _require(who, session, "cancel")
-            body: StopRequest = await app._body(request, StopRequest, limit=app.config.aisdk_max_body_bytes)
+            require(who, session, "cancel")
+            body: StopRequest = await app.read_body(request, StopRequest, limit=app.config.aisdk_max_body_bytes)
             if body.parts is not None and body.messageId is None:
                 raise CommandError(ErrorCode.BAD_FRAME, "a snapshot names its message: {messageId, parts}")
             if body.parts is not None and body.seen is not None:
@@ -450,7 +450,7 @@ class AiSdk:
             if body.parts is not None and turn_id is not None:
                 seen, exact = snapshot_cursor(state.turns[turn_id], body.parts)
             flt = CancelFilter(turn_id=turn_id) if turn_id is not None else CancelFilter(own=True)
-            others = _cancel_rights(who, session, flt)
+            others = cancel_rights(who, session, flt)
             result, durable = await hub.cancel(who.client_id, flt, seen, may_cancel_others=others)
             await durable
             payload: dict[str, Any] = {"request_id": result.request_id, "cancelled": result.cancelled,
@@ -461,4 +461,4 @@ class AiSdk:
                 payload["exact"] = exact
             return JSONResponse(payload)
 
-        return await self.app._guard(request, run)
+        return await self.app.guarded(request, run)

@@ -409,6 +409,11 @@ class TurnlineApp:
             await chat_socket_endpoint(self.aisdk, ws)
 
         routes.append(WebSocketRoute(AISDK_WS_PATH, aisdk_ws))
+
+        from .agui import AgUi
+
+        self.agui = AgUi(self)
+        routes += self.agui.routes()
         if config.dev:
             routes.append(Route("/v1/dev/token", self.dev_token, methods=["POST", "GET"]))
         if (WEB_DIR / "index.html").exists():
@@ -733,7 +738,18 @@ class TurnlineApp:
             return JSONResponse({"error": {"code": ErrorCode.NOT_FOUND, "message": "not found"}}, status_code=404)
         return FileResponse(path, media_type=_STATIC_TYPES.get(path.suffix), headers=_STATIC_HEADERS)
 
+    # Public names of the request helpers, for route modules built on this app
+    # (turnline.server.agui); the underscored names stay for their old callers.
+    read_body = _body
+    guarded = _guard
+    session_param = _session
+
 
 def create_app(runtime: Runtime, config: ServerConfig) -> TurnlineApp:
     return TurnlineApp(runtime, config)
+
+
+# Public names of the capability checks, for route modules (as above).
+require = _require
+cancel_rights = _cancel_rights
 
