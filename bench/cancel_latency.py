@@ -155,14 +155,7 @@ async def _langgraph_trial(http: httpx.AsyncClient, base: str, graph: str, trial
     got: list[tuple[int, str]] = []  # (received ns, event name), timestamped on arrival
     warmed = asyncio.Event()
     async with lg.run_stream(http, base, thread, lg.run_body(graph, trial_id)) as (run_id, events):
-        async def read() -> int:
-            while (ev := await events.next()) is not None:
-                got.append((time.monotonic_ns(), ev[0]))
-                if sum(name == "custom" for _, name in got) >= warm:
-                    warmed.set()
-            return time.monotonic_ns()
-
-        reader = asyncio.ensure_future(read())
+        reader = asyncio.ensure_future(lg.read_timed(events, got, warm, warmed))
         waiter = asyncio.ensure_future(warmed.wait())
         try:
             await asyncio.wait({reader, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

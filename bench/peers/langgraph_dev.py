@@ -158,6 +158,19 @@ class Events:
             await self._it.aclose()
 
 
+async def read_timed(events: Events, log: list[tuple[int, str]], warm: int, warmed: asyncio.Event) -> int:
+    """Read a run's stream to its end, appending (received ns, event name) for
+    each event on arrival; set ``warmed`` at the ``warm``-th token. Returns the
+    time the stream ended."""
+    tokens = 0
+    while (ev := await events.next()) is not None:
+        log.append((time.monotonic_ns(), ev[0]))
+        tokens += ev[0] == "custom"
+        if tokens >= warm:
+            warmed.set()
+    return time.monotonic_ns()
+
+
 async def new_thread(http: httpx.AsyncClient, base: str) -> str:
     r = await http.post(f"{base}/threads", json={})
     r.raise_for_status()
