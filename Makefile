@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: serve test bench soak clean
 
@@ -21,7 +22,12 @@ test: $(STAMP)
 	scripts/ensure-system-deps test
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+# The bench extra (LangGraph's dev server, the real peer) is for `make bench` only.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 soak: $(STAMP)

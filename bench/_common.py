@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, Iterator
 
 import httpx
@@ -103,3 +104,24 @@ def save(name: str, data: Any) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+async def alternate(systems: dict[str, tuple[int, Callable[[], Awaitable[dict[str, Any]]]]], warmup: int = 1
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Run every system's trials in one sequence, taking turns: each next trial
+    goes to the system furthest behind its own count, so trials of systems with
+    different counts are spread evenly over the run and load from elsewhere on
+    the machine falls on all of them alike. ``systems``: name → (trials, trial).
+    First, ``warmup`` trials of each system are run and dropped (a server's
+    first run pays for lazy imports and first-use setup)."""
+    for _ in range(warmup):
+        for _, trial in systems.values():
+            await trial()
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    while True:
+        behind = [(len(rows[name]) / n, i, name) for i, (name, (n, _)) in enumerate(systems.items())
+                  if len(rows[name]) < n]
+        if not behind:
+            return rows
+        name = min(behind)[2]
+        rows[name].append(await systems[name][1]())

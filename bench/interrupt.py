@@ -7,9 +7,16 @@
    attribution: chunks of A's turn (and A's turn-end) that arrive after B's first
    chunk. The agent (bench.agents:async_streamer) sleeps one interval before its
    first token, so "first token − interval" is reported as well.
-2. naive peer (bench/peers/naive_resend.py): close A's SSE request, POST B on a
+2. the real peer, LangGraph's dev server (bench/peers/langgraph_dev.py), in
+   the same sequence as 1, trials alternating: run A (async node, a token
+   every interval after an interval's sleep, as turnline's agent) streams on a
+   thread; after 3 tokens (t0) run B is posted on the thread with
+   `multitask_strategy: "interrupt"`. t0 → B's first token, t0 → A's stream
+   closed ("turn-end"), t0 → A's node saw CancelledError ("abort"), A's tokens
+   after B's first; A's run must end `interrupted`.
+3. naive peer (bench/peers/naive_resend.py): close A's SSE request, POST B on a
    new request; t0 (closing A) → first token of B, t0 → A's generator stopped.
-3. queue: one session, 1 message then 100 with `"policy":"queue"` as fast as
+4. queue: one session, 1 message then 100 with `"policy":"queue"` as fast as
    acks come back, agent bench.interrupt_agents:short_answer (5 tokens, no
    sleep). Checks the 101 turns started in send order; total time, per-message
    overhead = (total − 101 × one unqueued turn alone) / 100, and the
@@ -23,13 +30,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import websockets
 
-from bench._common import frame_events, pct, print_table, save, token, turnline_server
+from bench._common import alternate, frame_events, pct, print_table, save, token, turnline_server
+
+Trial = Callable[[], Awaitable[dict[str, Any]]]
+LANGGRAPH = "peer: LangGraph dev server, multitask_strategy=interrupt"
 
 
 def _text(text: str) -> list[dict[str, Any]]:
@@ -120,19 +134,30 @@ async def _interrupt_trial(c: _Conn, session: str, fid: int, warm: int) -> dict[
     }
 
 
-async def measure_interrupt(trials: int, interval: float, warm: int = 3) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def turnline_interrupt_trials(interval: float, warm: int = 3) -> AsyncIterator[Trial]:
+    """`turnline serve` (async agent) and one WebSocket; yields one interrupt trial (50 per session)."""
     with turnline_server("bench.agents:async_streamer", env={"BENCH_INTERVAL": str(interval)}) as port:
         async with websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=None,
                                       additional_headers={"Authorization": f"Bearer {token()}"}) as ws:
             c = _Conn(ws)
-            rows = []
-            for n in range(trials):
-                session = f"int-{n // 50}"
-                if n % 50 == 0:
+            done = 0
+
+            async def trial() -> dict[str, Any]:
+                nonlocal done
+                session = f"int-{done // 50}"
+                if done % 50 == 0:
                     await ws.send(json.dumps({"op": "subscribe", "session": session, "id": 1}))
                     await c.ack(1)
-                rows.append(await _interrupt_trial(c, session, 10 * n + 10, warm))
+                row = await _interrupt_trial(c, session, 10 * done + 10, warm)
                 c.log.clear()
+                done += 1
+                return row
+
+            yield trial
+
+
+def summarize_interrupt(rows: list[dict[str, Any]], interval: float) -> dict[str, Any]:
     first = [r["first_ms"] for r in rows]
     sub = [f - interval * 1e3 for f in first]
     end = [r["a_end_ms"] for r in rows]
@@ -145,7 +170,8 @@ async def measure_interrupt(trials: int, interval: float, warm: int = 3) -> dict
         "a_end_p50": pct(end, 50), "a_end_p99": pct(end, 99),
         "not_cancelled": sum(r["reason"] != "cancelled" for r in rows),
         "reasons": sorted({r["reason"] for r in rows}),
-        "ack_missing_cancelled": sum(not r["ack_cancelled_a"] for r in rows),
+        "ack_missing_cancelled": (None if any(r["ack_cancelled_a"] is None for r in rows)
+                                  else sum(not r["ack_cancelled_a"] for r in rows)),
         "a_chunks_after_b_first_total": sum(r["a_chunks_after_b_first"] for r in rows),
         "trials_with_a_chunks_after_b_first": sum(r["a_chunks_after_b_first"] > 0 for r in rows),
         "trials_a_end_after_b_first": sum(r["a_end_after_b_first"] for r in rows),
@@ -153,8 +179,76 @@ async def measure_interrupt(trials: int, interval: float, warm: int = 3) -> dict
     }
 
 
+async def measure_interrupt(trials: int, interval: float, warm: int = 3) -> dict[str, Any]:
+    async with turnline_interrupt_trials(interval, warm) as trial:
+        return summarize_interrupt([await trial() for _ in range(trials)], interval)
+
+
 # --------------------------------------------------------------------------- #
-# 3. queue
+# 2. the real peer: LangGraph's dev server, multitask_strategy="interrupt"
+# --------------------------------------------------------------------------- #
+
+
+async def _langgraph_interrupt_trial(http: httpx.AsyncClient, base: str, trial_id: str, warm: int,
+                                     closed_log: str, tokens: int, interval: float) -> dict[str, Any]:
+    """Run A streams on a thread; after ``warm`` tokens (t0) run B is posted on
+    the same thread with ``multitask_strategy: "interrupt"``. Measured: t0 → B's
+    first token, t0 → A's stream closed, t0 → A's node saw CancelledError."""
+    from bench.peers import langgraph_dev as lg
+
+    thread = await lg.new_thread(http, base)
+    a_log: list[tuple[int, str]] = []
+    b_log: list[tuple[int, str]] = []
+    a_warm, b_first = asyncio.Event(), asyncio.Event()
+    async with lg.run_stream(http, base, thread, lg.run_body("async_tokens", f"{trial_id}-a")) as (a_id, a_events):
+        a_reader = asyncio.ensure_future(lg.read_timed(a_events, a_log, warm, a_warm))
+        try:
+            await asyncio.wait_for(a_warm.wait(), 30)
+            t0 = time.monotonic_ns()
+            body = lg.run_body("async_tokens", f"{trial_id}-b", multitask_strategy="interrupt")
+            async with lg.run_stream(http, base, thread, body) as (b_id, b_events):
+                b_reader = asyncio.ensure_future(lg.read_timed(b_events, b_log, 1, b_first))
+                try:
+                    await asyncio.wait_for(b_first.wait(), 30)
+                    ns_a_end = await asyncio.wait_for(a_reader, 30)
+                    await lg.cancel(http, base, thread, b_id)  # B is done with: the next trial starts clean
+                    await asyncio.wait_for(b_reader, 30)
+                finally:
+                    b_reader.cancel()
+        finally:
+            a_reader.cancel()
+    ns_first = next(ns for ns, name in b_log if name == "custom")
+    status = (await http.get(f"{base}/threads/{thread}/runs/{a_id}")).json()["status"]
+    a_node = await lg.node_log(closed_log, f"{trial_id}-a", lg.node_timeout(tokens, interval))
+    await lg.node_log(closed_log, f"{trial_id}-b", lg.node_timeout(tokens, interval))
+    a_stopped, a_how, _ = a_node if a_node else (None, "never logged", [])
+    return {
+        "abort_ms": (a_stopped - t0) / 1e6 if a_how == "cancelled" else None,
+        "first_ms": (ns_first - t0) / 1e6,
+        "a_end_ms": (ns_a_end - t0) / 1e6,
+        "reason": "cancelled" if status == "interrupted" else status,
+        "ack_cancelled_a": None,  # LangGraph's answer to B does not name the run it interrupted
+        "a_chunks_after_b_first": sum(1 for ns, name in a_log if name == "custom" and ns > ns_first),
+        "a_end_after_b_first": ns_a_end > ns_first,
+        "a_deltas_after_t0": sum(1 for ns, name in a_log if name == "custom" and ns > t0),
+    }
+
+
+@contextlib.asynccontextmanager
+async def langgraph_interrupt_trials(interval: float, tokens: int = 53, warm: int = 3) -> AsyncIterator[Trial]:
+    from bench.peers import langgraph_dev as lg
+
+    closed_log = tempfile.mktemp(prefix="turnline-bench-langgraph-closed-")
+    open(closed_log, "w").close()
+    env = {"BENCH_INTERVAL": str(interval), "BENCH_TOKENS": str(tokens), "BENCH_CLOSED_LOG": closed_log}
+    async with lg.langgraph_dev(env) as base, httpx.AsyncClient(timeout=30) as http:
+        counter = iter(range(10**9))
+        yield lambda: _langgraph_interrupt_trial(http, base, f"int-{next(counter)}", warm, closed_log,
+                                                 tokens, interval)
+
+
+# --------------------------------------------------------------------------- #
+# 4. queue
 # --------------------------------------------------------------------------- #
 
 
@@ -248,8 +342,12 @@ async def measure_queue(n_queued: int = 100, solo_runs: int = 30, pipelined: boo
 async def run(trials: int, peer_trials: int, interval: float, n_queued: int = 100) -> dict[str, Any]:
     from bench.peers import naive_resend
 
-    results: dict[str, Any] = {"interval_s": interval}
-    results["turnline: send policy=interrupt"] = await measure_interrupt(trials, interval)
+    from bench.peers.langgraph_dev import versions
+
+    results: dict[str, Any] = {"interval_s": interval, "langgraph": versions()}
+    async with turnline_interrupt_trials(interval) as tl, langgraph_interrupt_trials(interval) as lg:
+        rows = await alternate({"turnline: send policy=interrupt": (trials, tl), LANGGRAPH: (peer_trials, lg)})
+    results.update({name: summarize_interrupt(r, interval) for name, r in rows.items()})
     results["peer: close SSE + POST again"] = await naive_resend.measure(peer_trials, interval)
     results["queue"] = await measure_queue(n_queued)
     results["queue (pipelined)"] = await measure_queue(n_queued, pipelined=True)
@@ -260,12 +358,16 @@ def table(results: dict[str, Any]) -> None:
     ms = results["interval_s"] * 1000
     t = results["turnline: send policy=interrupt"]
     p = results["peer: close SSE + POST again"]
+    g = results[LANGGRAPH]
     cols = ["system", "trials", "t0→B first token p50 ms", "p99 ms", f"first − {ms:.0f} ms p50", "p99",
-            "t0→A abort/stopped (server) p50 ms", "p99 ms", "t0→A turn-end p50 ms", "p99 ms", "A not cancelled", "A chunks after B's first (trials)"]
+            "t0→A abort/stopped (server) p50 ms", "p99 ms", "t0→A turn-end / stream closed p50 ms", "p99 ms", "A not cancelled", "A chunks after B's first (trials)"]
     rows = [
         ["turnline: send policy=interrupt", t["trials"], t["first_p50"], t["first_p99"],
          t["first_minus_interval_p50"], t["first_minus_interval_p99"], t["a_abort_p50"], t["a_abort_p99"], t["a_end_p50"], t["a_end_p99"],
          t["not_cancelled"], f"{t['a_chunks_after_b_first_total']} ({t['trials_with_a_chunks_after_b_first']})"],
+        [LANGGRAPH, g["trials"], g["first_p50"], g["first_p99"], g["first_minus_interval_p50"],
+         g["first_minus_interval_p99"], g["a_abort_p50"], g["a_abort_p99"], g["a_end_p50"], g["a_end_p99"],
+         g["not_cancelled"], f"{g['a_chunks_after_b_first_total']} ({g['trials_with_a_chunks_after_b_first']})"],
         ["peer: close SSE + POST again", p["trials"], p["first_p50_ms"], p["first_p99_ms"],
          p["first_minus_interval_p50_ms"], p["first_minus_interval_p99_ms"], p["a_stopped_p50_ms"],
          p["a_stopped_p99_ms"], "n/a", "n/a", f"never stopped: {p['a_never_stopped']}", "n/a (closed)"],

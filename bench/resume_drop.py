@@ -24,7 +24,10 @@ Peers, same run (bench/peers/resumable_stream.py): the stream kept in memory
 and resumed from a character offset counted by the client (vercel's
 resumable-stream), counted at event boundaries or as received; LangGraph's
 in-memory join (`Last-Event-ID`, millisecond ids, subscribe then replay); and
-a naive reconnect to the live stream.
+a naive reconnect to the live stream. And the real peer, LangGraph's dev
+server (bench/peers/langgraph_dev.py): a run started with
+`stream_resumable: true`, read through the proxy, rejoined after the drop with
+`GET /threads/{tid}/runs/{rid}/stream` and `Last-Event-ID`.
 
 Run:  python -m bench.resume_drop [--quick] [--tries N]
 """
@@ -173,6 +176,50 @@ async def _read_sse(http: httpx.AsyncClient, proxied: str, direct: str, session:
         reconnects += 1
 
 
+async def _read_langgraph(http: httpx.AsyncClient, proxied: str, direct: str, trial: str,
+                          on_token: OnToken) -> dict[str, Any]:
+    """LangGraph's dev server: a resumable run (``stream_resumable``) streamed
+    through the proxy; after a drop, join it again with ``GET
+    /threads/{tid}/runs/{rid}/stream`` and ``Last-Event-ID`` = the last id
+    received, at once. The run's end is its stream's end; a stream that ends
+    while the run is still running was cut."""
+    from bench.peers import langgraph_dev as lg
+
+    thread = await lg.new_thread(http, direct)
+    body = lg.run_body("async_tokens", trial, stream_resumable=True)
+    run_id: str | None = None
+    last_id: str | None = None
+    reconnects = 0
+    while True:
+        if run_id is None:
+            request = http.stream("POST", f"{proxied}/threads/{thread}/runs/stream", json=body)
+        else:
+            request = http.stream("GET", f"{proxied}/threads/{thread}/runs/{run_id}/stream",
+                                  headers={"Last-Event-ID": last_id} if last_id else {})
+        try:
+            async with request as resp:
+                resp.raise_for_status()
+                events = lg.Events(resp)
+                try:
+                    while (ev := await events.next()) is not None:
+                        name, data, event_id = ev
+                        last_id = event_id or last_id
+                        if name == "metadata":
+                            run_id = json.loads(data)["run_id"]
+                        elif name == "custom":
+                            on_token(json.loads(data)["i"])
+                finally:
+                    await events.aclose()
+        except httpx.TransportError:
+            pass
+        if run_id is None:
+            raise RuntimeError("langgraph dev: the stream was cut before its metadata event")
+        status = (await http.get(f"{direct}/threads/{thread}/runs/{run_id}")).json()["status"]
+        if status not in ("pending", "running"):
+            return {"reconnects": reconnects}
+        reconnects += 1
+
+
 # --------------------------------------------------------------------------- #
 # tries
 # --------------------------------------------------------------------------- #
@@ -239,15 +286,17 @@ PEERS = {
     "offset-events": "peer: in-memory stream, resume at a character offset counted at event boundaries "
                      "(resumable-stream)",
     "offset-received": "peer: the same, offset = characters received (a cut event's head included)",
-    "join": "peer: LangGraph in-memory join (Last-Event-ID, ms ids, subscribe then replay)",
+    "join": "peer: LangGraph-style in-memory join, re-implemented (Last-Event-ID, ms ids, subscribe then replay)",
     "live": "peer: reconnect to the live stream, no cursor",
 }
+LANGGRAPH = "peer: LangGraph dev server, rejoin with Last-Event-ID"
 
 Read = Callable[[int, OnToken], Awaitable[dict[str, Any]]]  # (try number, on_token) -> extra figures
 
 
 async def run(tries: int, seed: int = 1) -> dict[str, Any]:
     from bench.peers._harness import peer_server
+    from bench.peers.langgraph_dev import langgraph_dev, versions
     from bench.peers.resumable_stream import read_generation
 
     async def peer(reading: Awaitable[int]) -> dict[str, Any]:
@@ -255,8 +304,9 @@ async def run(tries: int, seed: int = 1) -> dict[str, Any]:
 
     env = {"BENCH_TOKENS": str(TOKENS), "BENCH_INTERVAL": str(INTERVAL)}
     with turnline_server("bench.resume_drop:numbered", env=env) as port:
-        async with (peer_server("bench.peers.resumable_stream:app") as peer_base,
+        async with (peer_server("bench.peers.resumable_stream:app") as peer_base, langgraph_dev(env) as lg_base,
                     _DropProxy(port) as tl, _DropProxy(int(peer_base.rsplit(":", 1)[1])) as pp,
+                    _DropProxy(int(lg_base.rsplit(":", 1)[1])) as lgp,
                     httpx.AsyncClient(timeout=10) as http):
             tl_http, pp_http = f"http://127.0.0.1:{tl.port}", f"http://127.0.0.1:{pp.port}"
             systems: dict[str, tuple[_DropProxy, Read]] = {
@@ -270,6 +320,8 @@ async def run(tries: int, seed: int = 1) -> dict[str, Any]:
             for mode, name in PEERS.items():
                 systems[name] = (pp, lambda n, on, mode=mode: peer(
                     read_generation(http, pp_http, mode, TOKENS, INTERVAL, on)))
+            systems[LANGGRAPH] = (lgp, lambda n, on: _read_langgraph(
+                http, f"http://127.0.0.1:{lgp.port}", lg_base, f"drop-{n}", on))
             # Same drop points for every system (one RNG each, same seed); tries
             # interleaved, so load from elsewhere on the machine falls on all alike.
             rngs = {name: random.Random(seed) for name in systems}
@@ -277,7 +329,7 @@ async def run(tries: int, seed: int = 1) -> dict[str, Any]:
             for n in range(tries):
                 for name, (proxy, read) in systems.items():
                     rows[name].append(await _try(proxy, lambda on, read=read: read(n, on), rngs[name]))
-    return {"tokens": TOKENS, "interval_s": INTERVAL, "seed": seed,
+    return {"tokens": TOKENS, "interval_s": INTERVAL, "seed": seed, "langgraph": versions(),
             **{name: summarize(r) for name, r in rows.items()}}
 
 
@@ -285,8 +337,8 @@ def table(results: dict[str, Any]) -> None:
     cols = ["system", "tries", "tries with duplicates", "tries with losses", "duplicated", "lost",
             "resume gap p50 ms", "p99 ms"]
     rows = [[name, r["tries"], r["tries_with_duplicates"], r["tries_with_losses"], r["duplicated"], r["lost"],
-             r["gap_p50_ms"], r["gap_p99_ms"]] for name, r in results.items() if isinstance(r, dict)]
-    first = next(r for r in results.values() if isinstance(r, dict))
+             r["gap_p50_ms"], r["gap_p99_ms"]] for name, r in results.items() if isinstance(r, dict) and "tries" in r]
+    first = next(r for r in results.values() if isinstance(r, dict) and "tries" in r)
     print_table(f"resume_drop ({results['tokens']} tokens, one every {results['interval_s'] * 1000:.0f} ms; "
                 f"connection cut by a TCP proxy at a random point, mid-frame in {first['mid_frame_tries']} "
                 f"of {first['tries']} tries; loopback)", cols, rows)
