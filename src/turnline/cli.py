@@ -9,8 +9,12 @@ import logging
 import os
 import sys
 
+import functools
+from typing import Any, Callable
+
 import click
 
+from .core.limits import LimitsConfig
 from .server.auth import AuthError, mint, parse_caps, resolve_secret
 
 
@@ -42,6 +46,38 @@ def load_agent(spec: str):  # type: ignore[no-untyped-def]
         return as_agent(obj)
     except TypeError as exc:
         raise click.BadParameter(str(exc), param_hint="--agent") from None
+
+
+_DEFAULT_LIMITS = LimitsConfig()
+# (option, LimitsConfig field, type, help); 0 turns a limit off. docs/limits.md.
+_LIMIT_OPTIONS = [
+    ("--max-turns-per-session", "max_turns_per_session", int, "turns one session runs at once"),
+    ("--send-rate", "send_rate", float, "sends (and regenerates) per second per client"),
+    ("--send-burst", "send_burst", int, "sends a client may make at once before --send-rate applies"),
+    ("--cancel-rate", "cancel_rate", float, "cancels per second per client"),
+    ("--cancel-burst", "cancel_burst", int, "cancels a client may make at once"),
+    ("--max-subscriptions", "max_subscriptions", int, "sessions one WebSocket follows at once"),
+    ("--max-connections-per-client", "max_connections_per_client", int,
+     "open WebSockets per client id (on redis://, across every gateway)"),
+    ("--audio-bytes-per-s", "audio_bytes_per_s", int, "voice audio-in per voice peer (16 kHz PCM16 is 32000)"),
+    ("--audio-burst-bytes", "audio_burst_bytes", int, "voice audio-in a peer may send at once"),
+]
+
+
+def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The limit options of ``serve``, handed to it as one ``limits: LimitsConfig``."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for _, name, _, _ in _LIMIT_OPTIONS}
+        if any(v < 0 for v in values.values()):
+            raise click.BadParameter("limits are 0 (off) or more")
+        return command(limits=LimitsConfig(**values), **kwargs)
+
+    for flag, name, kind, text in reversed(_LIMIT_OPTIONS):
+        wrapper = click.option(flag, name, default=getattr(_DEFAULT_LIMITS, name), show_default=True, type=kind,
+                               help=f"{text}; 0: no limit")(wrapper)
+    return wrapper
 
 
 @click.group()
@@ -80,9 +116,11 @@ def main() -> None:
               help="accept permessage-deflate on WebSockets: smaller catch-ups over slow links, paid "
               "for with CPU on every frame and zlib memory on every connection")
 @click.option("--log-level", default="info", show_default=True)
+@limit_options
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
           policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
-          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str) -> None:
+          aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, log_level: str,
+          limits: LimitsConfig) -> None:
     """Run the server with an agent."""
     import uvicorn
 
@@ -99,11 +137,11 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     store = open_store(store_url, **options)
     if kind == "redis":
         agent_spec, runtime = _gateway(store, agent_spec, RuntimeConfig(
-            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace), lease_ms)
+            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace, limits=limits), lease_ms)
     else:
         agent_spec = agent_spec or DEMO_AGENT
         runtime = Runtime(store, load_agent(agent_spec), RuntimeConfig(
-            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace))
+            default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace, limits=limits))
     app = create_app(runtime, ServerConfig(secret=key, dev=dev,
                                            aisdk_cancel_on_disconnect=aisdk_cancel_on_disconnect))
     url = f"http://{host}:{port}/"
@@ -111,6 +149,7 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     click.echo(f"  store:  {kind} {os.path.abspath(where) if kind == 'sqlite' else where or ''}".rstrip())
     click.echo(f"  agent:  {agent_spec or 'none (a gateway: workers run the turns)'}")
     click.echo(f"  policy: {policy}")
+    click.echo(f"  limits: {_describe_limits(limits)} (docs/limits.md)")
     if voice:
         from .voice import install_voice
 
@@ -124,6 +163,21 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     _tune_gc()
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, lifespan="on",
                 ws_per_message_deflate=ws_deflate)
+
+
+def _describe_limits(limits: LimitsConfig) -> str:
+    def show(value: float, text: str) -> str:
+        return f"{value:g} {text}" if value else f"no {text} limit"
+
+    return ", ".join([
+        show(limits.max_turns_per_session, "turns/session"),
+        f"sends {limits.send_rate:g}/s burst {limits.send_burst}" if limits.sends.enabled else "no send limit",
+        f"cancels {limits.cancel_rate:g}/s burst {limits.cancel_burst}" if limits.cancels.enabled
+        else "no cancel limit",
+        show(limits.max_subscriptions, "subscriptions/connection"),
+        show(limits.max_connections_per_client, "connections/client"),
+        f"audio {limits.audio_bytes_per_s} B/s" if limits.audio.enabled else "no audio limit",
+    ])
 
 
 def _tune_gc() -> None:
