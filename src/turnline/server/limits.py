@@ -105,6 +105,10 @@ class LocalLimiter(Limiter):
         self._connections[client_id] = count + 1
         return client_id
 
+    def connections(self, client_id: str) -> int:
+        """The client's open connections, as counted here."""
+        return self._connections.get(client_id, 0)
+
     async def disconnect(self, slot: Any) -> None:
         left = self._connections.get(slot, 0) - 1
         if left > 0:
