@@ -275,3 +275,41 @@ async def test_with_every_limit_off_nothing_is_refused(serve, gate) -> None:
         assert all(r["op"] == "ack" for r in replies), [r for r in replies if r["op"] != "ack"][:1]
         gate.open(srv)
     assert refusals(srv) == {}
+
+
+async def test_voice_transcripts_and_interrupts_count_as_sends_and_cancels(serve, gate) -> None:
+    from turnline.voice import VoiceConfig, install_voice
+    from voicews import VoicePeer
+
+    srv, clock = limited(serve, held_agent(gate), max_turns_per_session=1, send_rate=1, send_burst=1,
+                         cancel_rate=1, cancel_burst=1)
+
+    async def install() -> Any:
+        return install_voice(srv.server.config.app, VoiceConfig(send_policy="concurrent"))
+
+    srv.call(install())
+    async with await VoicePeer.open(srv.ws, srv.token()) as ws, await RawWS.open(srv.ws, srv.token("bob")) as bob:
+        await ws.subscribe(S)
+        await ws.ok({"op": "voice-start", "session": S})
+        interrupt = {"op": "interrupt", "session": S, "mode": "speech"}
+        await ws.ok(interrupt)  # (nothing plays: a no-op, still a cancel)
+        assert_refusal(await ws.request(interrupt), "cancels")
+        await ws.ok({"op": "transcript", "session": S, "text": "not final", "final": False})  # not a send
+        await ws.ok({"op": "transcript", "session": S, "text": "hello"})
+        await ws.wait_event(S, "turn-end")
+        assert_refusal(await ws.request({"op": "transcript", "session": S, "text": "again"}), "sends")
+        clock.advance(1000)
+        # Bob's turn runs (he holds the one slot; alice may not cancel it): alice's next
+        # utterance is refused when the voice pipeline sends it, and her peer is told
+        # (an error without id, naming the session).
+        await bob.subscribe(S)
+        await bob.ok(say(S, "hold"))
+        await ws.ok({"op": "transcript", "session": S, "text": "hold three"})
+        error = await ws.wait_until(lambda: next((e for e in ws.errors if e.get("id") is None), None))
+        assert_refusal(error, "turns")
+        assert error["session"] == S
+        gate.open(srv)
+    assert refusals(srv) == {"sends": 1.0, "turns": 1.0, "cancels": 1.0}
+    log = await settled_log(srv, S)
+    assert [e["message"]["parts"][0]["text"] for e in log if e["type"] == "message" and
+            e["message"]["role"] == "user"] == ["hello", "hold"]

@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from ..agent.runtime import CommandError, rate_limited
-from ..core.limits import AUDIO, Bucket, retry_after_ms, take
+from ..core.limits import AUDIO, CANCELS, SENDS, Bucket, retry_after_ms, take
 from ..protocol import ErrorCode, Interrupt, Played, Transcript, VoiceStart, VoiceStop, ack_frame, encode
 from ..protocol_audio import SAMPLE_RATE, AudioFrameError, check_audio_in, decode_audio
 from .metrics import voice_metrics
@@ -194,7 +194,10 @@ class VoiceGateway:
             await self._peer_session(conn, frame.session).close("voice_stopped")
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Transcript):
-            await self._peer_session(conn, frame.session).transcript(frame.text, frame.final)
+            voice = self._peer_session(conn, frame.session)
+            if frame.final and frame.text.strip():  # a final transcript is a send
+                await self.app.limiter.take(SENDS, who.client_id)
+            await voice.transcript(frame.text, frame.final)
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Played):
             _require(who, frame.session, "publish")
@@ -211,6 +214,7 @@ class VoiceGateway:
             others = who.can(frame.session, "cancel-any")
             if who.client_id != voice.client_id and not others:
                 raise CommandError(ErrorCode.FORBIDDEN, "interrupting another client's voice needs cancel-any")
+            await self.app.limiter.take(CANCELS, who.client_id)
             it: Interruption | None
             if frame.mode == "speech":
                 it = await voice.interrupt_speech(frame.reason, requester=who.client_id)
