@@ -5,6 +5,9 @@ command line, and one `turnline worker` (``tests.cluster_agents:gated``: a
 turn runs until the test releases it through Redis, so the number of running
 turns is the test's). Redis's clock refills the send bucket, so the test
 bounds what it may grant by the time the flood took instead of freezing it.
+Each test runs on a single Redis (``[redis]``) and on a Redis Cluster of
+three primaries (``[redis-cluster]``, the flood's session on another node
+than the dispatch stream), as test_cluster.py's do.
 
 - a flood of 200 sends on one session, half through each gateway: the
   client's one bucket grants at most ``burst + rate × elapsed`` in all (two
@@ -29,7 +32,7 @@ import httpx
 import pytest
 
 from servers import free_port
-from test_cluster import SECRET, TURNLINE, Cluster, Node, say
+from test_cluster import SECRET, STORES, TURNLINE, Cluster, Node, new_cluster, say
 from turnline.server.auth import mint
 from turnline.store import open_store
 from wsraw import RawWS
@@ -42,14 +45,11 @@ LIMITS = ["--max-turns-per-session", str(TURNS), "--send-rate", str(RATE), "--se
           "--max-connections-per-client", str(CONNECTIONS)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=STORES)
 def limited_cluster(request: pytest.FixtureRequest,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, list[Node]]]:
-    from redis_server import scratch_prefix
-
-    url = request.getfixturevalue("redis_url")
-    with scratch_prefix(url) as prefix:
-        cluster = Cluster(tmp_path_factory.mktemp("limits"), url, prefix)
+    """Two gateways with LIMITS and one worker, on a single Redis or a Redis Cluster."""
+    with new_cluster(request, tmp_path_factory.mktemp(f"limits-{request.param}")) as cluster:
         gateways = []
         for i in range(2):
             port = free_port()
@@ -60,12 +60,9 @@ def limited_cluster(request: pytest.FixtureRequest,
             TURNLINE, "worker", "--store", cluster.store, "--agent", "tests.cluster_agents:gated",
             "--lease-ms", "1000", "--reaper-ms", "200", "--log-level", "warning"], cluster.env)
         cluster.nodes += [*gateways, worker]
-        try:
-            for node in cluster.nodes:
-                node.wait_ready()
-            yield cluster, gateways
-        finally:
-            cluster.stop()
+        for node in cluster.nodes:
+            node.wait_ready()
+        yield cluster, gateways
 
 
 def refusals(node: Node) -> dict[str, float]:
@@ -92,7 +89,7 @@ async def test_a_flood_through_two_gateways_shares_one_bucket_and_one_turn_limit
     cluster, (ga, gb) = limited_cluster
     r = cluster.redis()
     token = mint(SECRET, "alice", {"*": ["subscribe", "publish", "cancel"]}, 600)
-    session = "flood"
+    session = await cluster.session(r, "flood")
     async with asyncio.timeout(90):
         a, b = await RawWS.open(ga.ws, token), await RawWS.open(gb.ws, token)
         await a.subscribe(session)
