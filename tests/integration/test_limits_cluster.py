@@ -172,3 +172,46 @@ def test_the_option_defaults_are_documented() -> None:
                  "--max-subscriptions", "--max-connections-per-client", "--audio-bytes-per-s",
                  "--audio-burst-bytes", "turnline_limit_refusals_total"):
         assert flag in doc, flag
+
+
+async def test_a_dead_gateways_connections_stop_counting_after_their_ttl(redis_url: str, redis_prefix: str) -> None:
+    """In process, two limiters on one Redis as two gateways would be: one takes
+    the client's only slot and dies without a word (no disconnect, no refresh);
+    the other is refused until that slot's expiry passes on Redis's clock, then
+    admitted. A live gateway's refresh keeps its slot past the TTL."""
+    from turnline.agent.cluster import Bus
+    from turnline.agent.runtime import CommandError
+    from turnline.core.limits import LimitsConfig
+    from turnline.server.limits import RedisLimiter
+
+    store = open_store(f"{redis_url}?prefix={redis_prefix}")
+    await store.open()
+    bus = Bus(store)
+    config = LimitsConfig(max_connections_per_client=1, connection_ttl_s=1.0)
+    dead, live = RedisLimiter(config, bus), RedisLimiter(config, bus)
+    key = dead.key("connections", "dana")
+    try:
+        async with asyncio.timeout(20):
+            await dead.connect("dana")  # ...and the gateway is killed: it never refreshes nor frees it
+            with pytest.raises(CommandError) as refused:
+                await live.connect("dana")
+            assert refused.value.code == "rate_limited" and refused.value.details["limit"] == "connections"
+            (_, expiry), = await bus.redis.zrange(key, 0, -1, withscores=True)
+            while True:  # until Redis's clock passes the dead slot's expiry (a condition, read from Redis)
+                seconds, micros = await bus.redis.time()
+                if seconds * 1000 + micros // 1000 > expiry:
+                    break
+                await asyncio.sleep(0.05)
+            slot = await live.connect("dana")
+            # The live gateway refreshes its slot: it outlasts a TTL, and a third gateway is refused.
+            (_, first_expiry), = await bus.redis.zrange(key, 0, -1, withscores=True)
+            await live.refresh()
+            (_, refreshed), = await bus.redis.zrange(key, 0, -1, withscores=True)
+            assert refreshed >= first_expiry
+            with pytest.raises(CommandError):
+                await RedisLimiter(config, bus).connect("dana")
+            await live.disconnect(slot)
+            assert await bus.redis.zcard(key) == 0
+    finally:
+        await bus.close()
+        await store.close()
