@@ -11,7 +11,10 @@ durable), then wait, untimed, for the quick answer's turn-end, so every send
 meets one idle session.
 
 On one node (SQLite; the bucket in-process) and on Redis (a gateway with its
-in-process worker; the bucket in Redis, one script call per send).
+in-process worker; the bucket in Redis, one script call per send, made while
+the gateway reads the session's replica, so its round trip overlaps that one).
+A second table times the limiter's own work alone, in this process: the
+in-process bucket, the Redis script, and a plain Redis GET for comparison.
 
 ``python -m bench send_ack [--quick]``.
 """
@@ -103,6 +106,42 @@ async def _run(ports: dict[str, int], rounds: int, per_round: int, warm: int) ->
     return out
 
 
+async def _limiter_alone(url: str, prefix: str, n: int) -> dict[str, list[float]]:
+    """The limiter's own work per send, without the rest of a send: the
+    in-process bucket, the Redis script (one round trip), and a plain Redis
+    GET beside it (the round trip the script's cost should be compared with)."""
+    from turnline.agent.cluster import Bus
+    from turnline.core.limits import SENDS, LimitsConfig
+    from turnline.server.limits import LocalLimiter, RedisLimiter
+    from turnline.store import open_store
+
+    high = LimitsConfig(send_rate=1e9, send_burst=10**9)
+    local = LocalLimiter(high)
+    store = open_store(f"{url}?prefix={prefix}")
+    await store.open()
+    bus = Bus(store)
+    remote = RedisLimiter(high, bus)
+    out: dict[str, list[float]] = {"in-process bucket": [], "Redis bucket (script)": [], "Redis GET": []}
+    try:
+        for _ in range(100):  # warm: the script is loaded, connections open
+            await remote.take(SENDS, "bench")
+            await bus.redis.get("send-ack-warm")
+        for _ in range(n):
+            t = time.perf_counter()
+            await local.take(SENDS, "bench")
+            out["in-process bucket"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await remote.take(SENDS, "bench")
+            out["Redis bucket (script)"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await bus.redis.get("send-ack-warm")
+            out["Redis GET"].append(time.perf_counter() - t)
+    finally:
+        await bus.close()
+        await store.close()
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     rounds, per_round, warm = (10, 50, 50) if quick else (40, 100, 200)
     results: dict[str, Any] = {"rounds": rounds, "per_round": per_round}
@@ -111,6 +150,7 @@ def run(quick: bool) -> dict[str, Any]:
     with redis_for_tests() as url, scratch_prefix(url) as off, scratch_prefix(url) as on:
         with _servers(f"{url}?prefix={off}", f"{url}?prefix={on}") as ports:
             results["redis"] = asyncio.run(_run(ports, rounds, per_round, warm))
+        results["limiter alone"] = asyncio.run(_limiter_alone(url, on, 1000 if quick else 5000))
     return results
 
 
@@ -126,6 +166,10 @@ def table(results: dict[str, Any]) -> None:
                          f"{(p50 - base * 1000) * 1000:+.0f}" if name == "limits on" else "—"])
     print_table(f"send_ack: send → ack over a loopback WebSocket, ms ({results['rounds']} alternating rounds of "
                 f"{results['per_round']})", ["store", "server", "n", "p50", "p99", "max", "Δp50 µs"], rows)
+    alone = [[name, len(values), pct(values, 50) * 1e6, pct(values, 99) * 1e6]
+             for name, values in results["limiter alone"].items()]
+    print_table("send_ack: the limiter's own work per send, µs (in one process, no server)",
+                ["what", "n", "p50", "p99"], alone)
 
 
 def bench(quick: bool) -> None:

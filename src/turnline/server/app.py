@@ -287,8 +287,7 @@ class Connection:
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Send):
             _require(who, frame.session, "publish")
-            await app.limiter.take(SENDS, who.client_id)
-            hub = await runtime.hub(frame.session)
+            hub = await app.limiter.take_then(SENDS, who.client_id, runtime.hub(frame.session))
             outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
                                               parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen)
             self.touched.add(frame.session)
@@ -547,8 +546,7 @@ class TurnlineApp:
                     raise CommandError(ErrorCode.BAD_ID, f"invalid message id {m.id!r}")
             if not body.messages:
                 raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
-            await self.limiter.take(SENDS, who.client_id)
-            hub = await self.runtime.hub(session)
+            hub = await self.limiter.take_then(SENDS, who.client_id, self.runtime.hub(session))
             outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
                                               parent_id=body.parent_id, steer=body.steer, seen=body.seen)
             await durable

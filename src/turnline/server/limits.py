@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, TypeVar
 
 from ..agent.runtime import CommandError, rate_limited
 from ..core.limits import (
@@ -31,6 +31,8 @@ from ..core.limits import (
 )
 
 log = logging.getLogger("turnline.limits")
+
+T = TypeVar("T")
 
 _WHAT = {SENDS: "sends (and regenerates)", CANCELS: "cancels"}
 
@@ -65,6 +67,15 @@ class Limiter:
 
     async def take(self, limit: str, client_id: str) -> None:
         raise NotImplementedError
+
+    async def take_then(self, limit: str, client_id: str, work: Coroutine[Any, Any, T]) -> T:
+        """``take``, then ``work``'s result (``work`` does not run when refused)."""
+        try:
+            await self.take(limit, client_id)
+        except BaseException:
+            work.close()
+            raise
+        return await work
 
     async def connect(self, client_id: str) -> Any:
         raise NotImplementedError
@@ -187,6 +198,21 @@ class RedisLimiter(Limiter):
     def _connect_script(self) -> Any:
         return self.bus.redis.register_script(_CONNECT)
 
+    async def take_then(self, limit: str, client_id: str, work: Coroutine[Any, Any, T]) -> T:
+        """``take`` and ``work`` at once: the bucket's round trip to Redis
+        overlaps the one ``work`` makes (loading the session's replica), so a
+        send waits for one, not both. ``work`` must change nothing: it runs
+        even when the take is refused (its result is then dropped)."""
+        if not self._rates[limit].enabled:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
+            await self.take(limit, client_id)
+        except BaseException:
+            task.add_done_callback(_retrieve)
+            raise
+        return await task
+
     async def take(self, limit: str, client_id: str) -> None:
         rate = self._rates[limit]
         if not rate.enabled:
@@ -240,6 +266,11 @@ class RedisLimiter(Limiter):
         ttl = self._ttl_ms()
         for slot, key in list(self._slots.items()):
             await self._connect_script(keys=[key], args=[slot, 0, ttl])
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("work beside a refused request failed: %r", task.exception())
 
 
 def limiter_for(runtime: Any) -> Limiter:
