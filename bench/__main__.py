@@ -11,8 +11,8 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store", "barge_in", "resume_drop", "fanout",
-           "send_ack"]
+BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store", "barge_in", "resume_drop",
+           "fanout", "send_ack"]
 
 
 def _cancel_latency(quick: bool) -> None:
