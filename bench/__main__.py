@@ -12,7 +12,7 @@ import importlib
 import sys
 
 BENCHES = ["cancel_latency", "interrupt", "providers", "cluster", "load", "redis_store", "barge_in", "resume_drop",
-           "fanout", "tracing"]
+           "fanout", "tracing", "send_ack"]
 
 
 def _cancel_latency(quick: bool) -> None:

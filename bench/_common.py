@@ -36,15 +36,23 @@ def pct(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+# Every client limit off (docs/limits.md): the benchmarks load one client id far
+# past what a person does; they measure other things. bench/send_ack.py measures
+# the limiter's own cost, with the limits on and off.
+NO_LIMITS = ["--max-turns-per-session", "0", "--send-rate", "0", "--cancel-rate", "0", "--max-subscriptions", "0",
+             "--max-connections-per-client", "0", "--audio-bytes-per-s", "0"]
+
+
 @contextlib.contextmanager
 def turnline_server(agent: str, *, env: dict[str, str] | None = None, store: str | None = None,
-                    extra: list[str] | None = None) -> Iterator[int]:
-    """Run `turnline serve` (SQLite store in a temp dir unless told) and yield its port."""
+                    extra: list[str] | None = None, limits: list[str] | None = None) -> Iterator[int]:
+    """Run `turnline serve` (SQLite store in a temp dir unless told) and yield its port.
+    ``limits``: limit options (default: every limit off)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "turnline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--store", store or f"sqlite:///{tmp}/bench.db", "--agent", agent, "--secret", SECRET,
-               "--no-dev", "--log-level", "warning", *(extra or [])]
+               "--no-dev", "--log-level", "warning", *(NO_LIMITS if limits is None else limits), *(extra or [])]
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import websockets
 
-from bench._common import SECRET, frame_events, free_port, pct, print_table, save, token
+from bench._common import NO_LIMITS, SECRET, frame_events, free_port, pct, print_table, save, token
 from bench.cancel_latency import _trial, summarize
 from bench.fanout import STARTUP_S, Cluster, Proc, cluster
 
@@ -43,7 +43,8 @@ INTERVAL = 0.01
 def _gateway(c: Cluster, url: str, name: str, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
     port = free_port()
     proc = c.spawn(name, [sys.executable, "-m", "turnline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                          "--store", url, "--secret", SECRET, "--no-dev", "--log-level", "warning", *extra],
+                          "--store", url, "--secret", SECRET, "--no-dev", "--log-level", "warning", *NO_LIMITS,
+                          *extra],
                    env=_agent_env(c))
     c.wait_http(proc, port)
     return proc, f"ws://127.0.0.1:{port}/v1/ws"

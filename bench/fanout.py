@@ -65,7 +65,7 @@ from typing import Any, Iterator
 import httpx
 import msgspec
 
-from bench._common import REPO, SECRET, free_port, pct, print_table, save, token
+from bench._common import NO_LIMITS, REPO, SECRET, free_port, pct, print_table, save, token
 
 STARTUP_S = 30.0
 LOADGEN_C = REPO / "bench" / "loadgen.c"
@@ -499,7 +499,7 @@ class Settings:
 def _start_turnline(c: Cluster, s: Settings, workers: int) -> tuple[list[Proc], Proc, str]:
     port = free_port()
     serve = [sys.executable, "-m", "turnline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--secret", SECRET, "--no-dev", "--log-level", "warning"]
+             "--secret", SECRET, "--no-dev", "--log-level", "warning", *NO_LIMITS]
     agent = "bench.fanout_agents:streamer"
     env = {"FANOUT_RATE": str(s.rate)}
     if s.store == "sqlite":

@@ -10,8 +10,12 @@ import os
 import sys
 from typing import Any, Callable
 
+import functools
+from typing import Any, Callable
+
 import click
 
+from .core.limits import LimitsConfig
 from .server.auth import AuthError, mint, parse_caps, resolve_secret
 
 
@@ -81,6 +85,38 @@ def _identity(host: str, secret: str | None, dev: bool | None, opts: dict[str, A
     return settings, mode, dev_secret, verifier, origins
 
 
+_DEFAULT_LIMITS = LimitsConfig()
+# (option, LimitsConfig field, type, help); 0 turns a limit off. docs/limits.md.
+_LIMIT_OPTIONS = [
+    ("--max-turns-per-session", "max_turns_per_session", int, "turns one session runs at once"),
+    ("--send-rate", "send_rate", float, "sends (and regenerates) per second per client"),
+    ("--send-burst", "send_burst", int, "sends a client may make at once before --send-rate applies"),
+    ("--cancel-rate", "cancel_rate", float, "cancels per second per client"),
+    ("--cancel-burst", "cancel_burst", int, "cancels a client may make at once"),
+    ("--max-subscriptions", "max_subscriptions", int, "sessions one WebSocket follows at once"),
+    ("--max-connections-per-client", "max_connections_per_client", int,
+     "open WebSockets per client id (on redis://, across every gateway)"),
+    ("--audio-bytes-per-s", "audio_bytes_per_s", int, "voice audio-in per voice peer (16 kHz PCM16 is 32000)"),
+    ("--audio-burst-bytes", "audio_burst_bytes", int, "voice audio-in a peer may send at once"),
+]
+
+
+def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The limit options of ``serve``, handed to it as one ``limits: LimitsConfig``."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for _, name, _, _ in _LIMIT_OPTIONS}
+        if any(v < 0 for v in values.values()):
+            raise click.BadParameter("limits are 0 (off) or more")
+        return command(limits=LimitsConfig(**values), **kwargs)
+
+    for flag, name, kind, text in reversed(_LIMIT_OPTIONS):
+        wrapper = click.option(flag, name, default=getattr(_DEFAULT_LIMITS, name), show_default=True, type=kind,
+                               help=f"{text}; 0: no limit")(wrapper)
+    return wrapper
+
+
 @click.group()
 @click.version_option(package_name="turnline")
 def main() -> None:
@@ -121,10 +157,11 @@ def main() -> None:
               "for with CPU on every frame and zlib memory on every connection")
 @click.option("--otel/--no-otel", default=False, show_default=True, help=OTEL_HELP)
 @click.option("--log-level", default="info", show_default=True)
+@limit_options
 def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | None, dev: bool | None,
           policy: str, queue_limit: int, abort_grace: float, sqlite_synchronous: str,
           aisdk_cancel_on_disconnect: bool, lease_ms: int, voice: bool, ws_deflate: bool, otel: bool,
-          log_level: str, **security: Any) -> None:
+          log_level: str, limits: LimitsConfig, **security: Any) -> None:
     """Run the server with an agent."""
     import uvicorn
 
@@ -138,7 +175,7 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     options = {"synchronous": sqlite_synchronous} if kind == "sqlite" else {}
     store = open_store(store_url, **options)
     config = RuntimeConfig(default_policy=policy, queue_limit=queue_limit, abort_grace_s=abort_grace,
-                           tracing=_tracing(otel))
+                           tracing=_tracing(otel), limits=limits)
     if kind == "redis":
         agent_spec, runtime = _gateway(store, agent_spec, config, lease_ms)
     else:
@@ -158,6 +195,7 @@ def serve(host: str, port: int, store_url: str, agent_spec: str, secret: str | N
     click.echo(f"  cors:   {', '.join(origins) if origins else 'none (same-origin pages only)'}")
     if config.tracing.enabled:
         click.echo("  otel:   a span per turn and per provider call (docs/observability.md)")
+    click.echo(f"  limits: {_describe_limits(limits)} (docs/limits.md)")
     if voice:
         from .voice import install_voice
 
@@ -193,6 +231,21 @@ def _tracing(otel: bool):  # type: ignore[no-untyped-def]
         return tracing_from_env()
     except RuntimeError as exc:
         raise click.UsageError(f"--otel: {exc}") from None
+
+
+def _describe_limits(limits: LimitsConfig) -> str:
+    def show(value: float, text: str) -> str:
+        return f"{value:g} {text}" if value else f"no {text} limit"
+
+    return ", ".join([
+        show(limits.max_turns_per_session, "turns/session"),
+        f"sends {limits.send_rate:g}/s burst {limits.send_burst}" if limits.sends.enabled else "no send limit",
+        f"cancels {limits.cancel_rate:g}/s burst {limits.cancel_burst}" if limits.cancels.enabled
+        else "no cancel limit",
+        show(limits.max_subscriptions, "subscriptions/connection"),
+        show(limits.max_connections_per_client, "connections/client"),
+        f"audio {limits.audio_bytes_per_s} B/s" if limits.audio.enabled else "no audio limit",
+    ])
 
 
 def _tune_gc() -> None:

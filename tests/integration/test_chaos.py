@@ -138,8 +138,10 @@ class Cluster:
         for i in range(gateways):
             node = Node(f"gateway-{i}", [], self.tmp)
             node.port = free_port()
+            # Clients here send and cancel as fast as chaos picks; limits have their own tests (test_limits*.py).
             node.args = ["serve", "--store", self.store_url, "--port", str(node.port), "--secret", SECRET,
-                         "--no-dev", *common]
+                         "--no-dev", "--max-turns-per-session", "1000", "--send-burst", "1000",
+                         "--cancel-burst", "1000", *common]
             self.gateways.append(node)
         for i in range(workers):
             self.workers.append(Node(f"worker-{i}", ["worker", "--store", self.store_url, "--agent",

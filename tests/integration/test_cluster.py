@@ -131,8 +131,12 @@ class Cluster:
         self.nodes: list[Node] = []
 
     def start(self, gateways: int, workers: int) -> tuple[list[Node], list[Node]]:
+        # One client sends tens of messages at once here, to one session: about routing, not limits
+        # (those have their own tests: test_limits_cluster.py).
+        raised = ["--max-turns-per-session", "64", "--send-burst", "200"]
         gws = [self._node(f"gateway{len(self.nodes) + i}", ["serve", "--store", self.store, "--secret", SECRET,
-                                                             "--no-dev", "--log-level", "warning"], gateway=True)
+                                                             "--no-dev", "--log-level", "warning", *raised],
+                          gateway=True)
                for i in range(gateways)]
         wks = [self._node(f"worker{len(self.nodes) + i}", [
             "worker", "--store", self.store, "--agent", "tests.cluster_agents:gated", "--lease-ms",

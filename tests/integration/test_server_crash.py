@@ -189,7 +189,8 @@ async def test_many_clients_resume_from_their_cursors_after_kill_and_lose_no_ack
     ``Last-Event-ID``): what it had plus what it gets is the log exactly (no
     gap, no duplicate, byte-identical), and every ack any client got before the
     kill names something in the log."""
-    server = Server(tmp_path, str(tmp_path / "many.db"))
+    # 60 pipelined sends on two sessions: about crashes, not limits (tests/integration/test_limits.py).
+    server = Server(tmp_path, str(tmp_path / "many.db"), "--send-burst", "200", "--max-turns-per-session", "100")
     sessions = ["crash-a", "crash-b"]
     tokens = {n: mint(SECRET, n, {"*": ["subscribe", "publish", "cancel"]}, 600) for n in ("ann", "ben", "cy")}
     try:

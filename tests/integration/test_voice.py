@@ -18,7 +18,8 @@ import pytest
 from voicews import VoicePeer, heard_text, user_voice
 from wsraw import Gate, text_of
 
-from turnline.agent import Aborted
+from turnline.agent import Aborted, RuntimeConfig
+from turnline.core.limits import LimitsConfig
 from turnline.protocol_audio import AUDIO_OUT, AudioFrame, audio_in, encode_audio
 from turnline.voice import UNINTERRUPTIBLE, ScriptedSTT, VoiceConfig, install_voice
 from turnline.voice.audio import espeak_available, silence
@@ -99,7 +100,11 @@ async def _aborted(turn: Any) -> None:
 
 
 def voice_server(serve: Any, agent: Any, **config: Any) -> tuple[Any, Any]:
-    srv = serve(agent=agent)
+    # The peers here send audio as fast as the socket takes it (the rules run on
+    # the audio's own clock): far above real time, so the audio limit is raised
+    # (it has its own test: test_limits.py).
+    srv = serve(agent=agent, config=RuntimeConfig(limits=LimitsConfig(audio_bytes_per_s=100_000_000,
+                                                                      audio_burst_bytes=100_000_000)))
 
     async def install() -> Any:
         return install_voice(srv.server.config.app, VoiceConfig(**config))

@@ -53,7 +53,10 @@ def voice_gateway(tmp_path: Path, cluster: Cluster, name: str = "gateway") -> No
     """``turnline serve --store redis://… --voice`` with no agent (not yet ready)."""
     port = free_port()
     node = Node(tmp_path, name, [TURNLINE, "serve", "--store", cluster.store, "--secret", SECRET, "--no-dev",
-                                 "--voice", "--port", str(port), "--log-level", "warning"], cluster.env, port)
+                                 "--voice", "--port", str(port), "--log-level", "warning",
+                                 # audio sent far above real time: the audio limit is raised (test_limits.py)
+                                 "--audio-bytes-per-s", "100000000", "--audio-burst-bytes", "100000000"],
+                cluster.env, port)
     cluster.nodes.append(node)
     return node
 

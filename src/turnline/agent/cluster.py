@@ -106,6 +106,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
     result: Any = None
     error: ErrorInfo | None = None
     redo: bool = False  # this worker does not own the session: route again
+    details: dict[str, Any] = {}  # the error's (CommandError.details: a refusal's limit and retry_after_ms)
 
 
 _command_decoder = msgspec.json.Decoder(Command)
@@ -330,7 +331,8 @@ async def _op_send(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, asyncio.Fut
         return asdict(done), _durable_now(hub)
     outcome, durable = await hub.send(a["requester"], messages, policy=a.get("policy"),
                                       parent_id=a.get("parent_id"), steer=a.get("steer"), seen=a.get("seen"),
-                                      turn_id=a.get("turn_id"), traceparent=a.get("traceparent"))
+                                      turn_id=a.get("turn_id"), traceparent=a.get("traceparent"),
+                                      max_turns=a.get("max_turns"))
     return asdict(outcome), durable
 
 
@@ -349,7 +351,8 @@ async def _op_regenerate(hub: SessionHub, a: dict[str, Any]) -> tuple[Any, async
     turn_id = a.get("turn_id")
     if turn_id is not None and turn_id in hub.state.turns:
         return asdict(SendOutcome([], started=[turn_id])), _durable_now(hub)
-    outcome, durable = await hub.regenerate(a["requester"], a["message_id"], turn_id=turn_id)
+    outcome, durable = await hub.regenerate(a["requester"], a["message_id"], turn_id=turn_id,
+                                            max_turns=a.get("max_turns"))
     return asdict(outcome), durable
 
 
@@ -572,7 +575,7 @@ class ClusterWorker:
         try:
             reply = await self._execute(cmd)
         except CommandError as exc:
-            reply = Reply(cmd.rid, error=ErrorInfo(exc.code, exc.message))
+            reply = Reply(cmd.rid, error=ErrorInfo(exc.code, exc.message), details=exc.details)
         except Exception as exc:
             log.exception("command %s on %s failed", cmd.op, cmd.session)
             reply = Reply(cmd.rid, error=ErrorInfo(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))

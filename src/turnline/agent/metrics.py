@@ -22,3 +22,5 @@ class Metrics:
         self.connections = Gauge("turnline_ws_connections", "Open WebSocket connections", registry=r)
         self.frame_errors = Counter("turnline_frame_errors", "Error frames sent, by code", ["code"], registry=r)
         self.store_errors = Counter("turnline_store_errors", "Failed appends", registry=r)
+        self.limit_refusals = Counter("turnline_limit_refusals", "Requests refused rate_limited, by limit "
+                                      "(docs/limits.md)", ["limit"], registry=r)

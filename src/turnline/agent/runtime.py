@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import msgspec
 
+from ..core.limits import COUNT_RETRY_AFTER_MS, TURNS, LimitsConfig, turn_slots_left
 from ..core.session import InvariantError, Session
 from ..protocol import (
     AnyEvent, CancelEvent, CancelFilter, CancelResult, ChunkEvent, ErrorCode, ErrorInfo, Message,
@@ -35,12 +36,19 @@ log = logging.getLogger("turnline.runtime")
 
 
 class CommandError(Exception):
-    """A command the runtime refuses; ``code`` is an :class:`ErrorCode`."""
+    """A command the runtime refuses; ``code`` is an :class:`ErrorCode`.
+    ``details`` go along in the error frame (``rate_limited``: ``limit`` and ``retry_after_ms``)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, **details: Any):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details
+
+
+def rate_limited(limit: str, retry_after_ms: int, message: str) -> CommandError:
+    """The refusal of a request over ``limit`` (a name in ``turnline.core.limits.LIMIT_NAMES``)."""
+    return CommandError(ErrorCode.RATE_LIMITED, message, limit=limit, retry_after_ms=retry_after_ms)
 
 
 @dataclass
@@ -60,6 +68,9 @@ class RuntimeConfig:
     idle_evict_s: float | None = 300.0
     # Spans per turn and provider call (turnline.agent.tracing.OtelTracing); off by default.
     tracing: Tracing = NO_TRACING
+    # What clients may consume; the runtime enforces max_turns_per_session,
+    # the server the rest (turnline.server.limits).
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -262,10 +273,13 @@ class SessionHub:
     async def send(self, requester: str, messages: Sequence[MessageIn], *, policy: str | None = None,
                    parent_id: str | None = None, steer: str | None = None, seen: int | None = None,
                    turn_id: str | None = None, traceparent: str | None = None,
-                   ) -> tuple[SendOutcome, asyncio.Future[None]]:
+                   max_turns: int | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
         """``turn_id`` names the turn this send starts or queues (default: a
         new id); a caller that may retry passes one, to recognise its retry.
-        ``traceparent``: the sender's W3C trace context, the parent of the turn's span."""
+        ``traceparent``: the sender's W3C trace context, the parent of the turn's span.
+        ``max_turns``: the session's turn limit (default: this runtime's; a
+        gateway passes its own). Checked and applied in this one synchronous
+        step, so no other send on the session comes between."""
         state = self.state
         cfg = self.runtime.config
         if policy is not None and not cfg.allow_policy_override:
@@ -312,8 +326,10 @@ class SessionHub:
         wait_for: list[asyncio.Event] = []
         parent = parent_id if parent_id is not None else state.default_parent()
         pre: list[AnyEvent] = []
+        own = [t for t in state.active.values() if t.owner == requester and t.cancel is None] \
+            if policy in ("interrupt", "rollback") else []
+        self._check_turn_slots(len(own), max_turns)
         if policy in ("interrupt", "rollback"):
-            own = [t for t in state.active.values() if t.owner == requester and t.cancel is None]
             if own:
                 latest = own[-1]
                 request_id = new_id("cancel")
@@ -365,14 +381,24 @@ class SessionHub:
         return TurnStart(turn_id=turn_id, owner=owner, input_id=input_id, message_id=_reply_for(turn_id),
                          client_id=self.runtime.agent_id)
 
-    async def regenerate(self, requester: str, message_id: str,
-                         turn_id: str | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
+    def _check_turn_slots(self, stopping: int, max_turns: int | None) -> None:
+        """Refuse (``rate_limited``, limit ``turns``) a turn past the session's limit;
+        ``stopping``: running turns this same command cancels."""
+        limit = self.runtime.config.limits.max_turns_per_session if max_turns is None else max_turns
+        if not turn_slots_left(len(self.state.active), stopping, limit):
+            raise rate_limited(TURNS, COUNT_RETRY_AFTER_MS,
+                               f"session {self.session_id} already runs {len(self.state.active)} turns, "
+                               f"the limit; send again once one ends (or use policy queue)")
+
+    async def regenerate(self, requester: str, message_id: str, turn_id: str | None = None,
+                         max_turns: int | None = None) -> tuple[SendOutcome, asyncio.Future[None]]:
         msg = self.state.messages.get(message_id)
         if msg is None:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {message_id} in session {self.session_id}")
         input_id = msg.parent_id if msg.role == "assistant" else msg.id
         if input_id is None:
             raise CommandError(ErrorCode.CONFLICT, "this message has no input to regenerate from")
+        self._check_turn_slots(0, max_turns)
         turn_id = turn_id or new_id("turn")
         fut = self.emit([self._turn_start(turn_id, requester, input_id)])
         self._launch(turn_id, [])

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..agent.runtime import CommandError
+from ..core.limits import CANCELS, SENDS
 from ..core.session import Session, TurnState
 from ..protocol import POLICIES, CancelFilter, ErrorCode, MessageIn, encode, is_valid_id
 from .agui_events import Delivered, RunTranslator, event_ids, parse_cursor
@@ -266,6 +267,7 @@ class AgUi:
                 policy = props["policy"]
                 if policy not in POLICIES:
                     raise CommandError(ErrorCode.BAD_FRAME, f"policy must be one of {', '.join(POLICIES)}")
+            await app.limiter.take(SENDS, who.client_id)
             hub = await self.runtime.hub(session)
             state: Session = hub.state
             after = state.last_seq
@@ -360,6 +362,7 @@ class AgUi:
                                        f"got {body.seen!r}") from None
                 # N.k: only part of what seq N made was rendered; N itself was not whole.
                 seen = seq if index is None else seq - 1
+            await app.limiter.take(CANCELS, who.client_id)
             hub = await app.existing_hub(session)
             if body.runId is not None:
                 state = hub.state

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..agent.runtime import CommandError
+from ..core.limits import CANCELS, SENDS
 from ..core.session import Session, TurnState
 from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, encode
 from .aisdk_snapshot import snapshot_cursor
@@ -314,6 +315,7 @@ class AiSdk:
         messages = body.messages or ([body.message] if body.message is not None else [])
         if not messages:
             raise CommandError(ErrorCode.BAD_FRAME, "the request carries no messages")
+        await self.app.limiter.take(SENDS, who.client_id)
         hub = await self.runtime.hub(session)
         after = hub.state.last_seq
         if body.trigger == "regenerate-message":
@@ -451,6 +453,7 @@ class AiSdk:
                 seen, exact = snapshot_cursor(state.turns[turn_id], body.parts)
             flt = CancelFilter(turn_id=turn_id) if turn_id is not None else CancelFilter(own=True)
             others = cancel_rights(who, session, flt)
+            await app.limiter.take(CANCELS, who.client_id)
             result, durable = await hub.cancel(who.client_id, flt, seen, may_cancel_others=others)
             await durable
             payload: dict[str, Any] = {"request_id": result.request_id, "cancelled": result.cancelled,

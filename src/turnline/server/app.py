@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..agent.runtime import CommandError, Runtime
 from ..agent.tracing import TRACEPARENT_MAX
+from ..core.limits import CANCELS, SENDS, retry_after_header
 from ..protocol import (
     SEQ_MAX, Cancel, CancelFilter, ErrorCode, FrameError, Id, MessageIn, Ping, Played, Policy, Seq,
     Regenerate, Send, Subscribe, Unsubscribe, ack_frame, decode_frame, pong_frame, encode, error_frame,
@@ -34,6 +35,7 @@ from ..protocol import (
 from ..store.base import Record
 from .auth import AuthError, KeysUnavailable, KeyVerifier, Principal, Verifier, mint
 from .guards import cors_middleware, dev_token_refusal, guard_websocket_origin, normalize_origin
+from .limits import check_subscriptions, limiter_for
 
 log = logging.getLogger("turnline.server")
 
@@ -224,7 +226,7 @@ class Connection:
             self.error(exc.frame_id, exc.code, exc.message)
             return
         except CommandError as exc:
-            self.error(frame_id, exc.code, exc.message)
+            self.error(frame_id, exc.code, exc.message, **exc.details)
             return
         except Exception as exc:  # a bug must not take the connection down
             log.exception("frame failed")
@@ -244,7 +246,7 @@ class Connection:
         self.push(reply)
 
     def error(self, frame_id: Any, code: str, message: str, **fields: Any) -> None:
-        self.app.runtime.metrics.frame_errors.labels(code).inc()
+        self.app.count_error(code, fields)
         self.push(error_frame(frame_id, code, message, **fields))
 
     async def handle_binary(self, data: bytes) -> None:
@@ -262,7 +264,8 @@ class Connection:
             await voice.audio(self, data)
         except (FrameError, CommandError) as exc:
             session = getattr(exc, "session", None)
-            self.error(None, exc.code, exc.message, **({"session": session} if session else {}))
+            self.error(None, exc.code, exc.message, **getattr(exc, "details", {}),
+                       **({"session": session} if session else {}))
         except Exception as exc:  # a bug must not take the connection down
             log.exception("binary frame failed")
             self.error(None, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -275,6 +278,8 @@ class Connection:
             return None, pong_frame(frame.id)
         if isinstance(frame, Subscribe):
             _require(who, frame.session, "subscribe")
+            if frame.session not in self.subs:
+                check_subscriptions(len(self.subs), app.limiter.config.max_subscriptions)
             old = self.subs.pop(frame.session, None)
             if old is not None:
                 old.cancel()
@@ -294,7 +299,7 @@ class Connection:
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Send):
             _require(who, frame.session, "publish")
-            hub = await runtime.hub(frame.session)
+            hub = await app.limiter.take_then(SENDS, who.client_id, runtime.hub(frame.session))
             outcome, durable = await hub.send(who.client_id, frame.messages, policy=frame.policy,
                                               parent_id=frame.parent_id, steer=frame.steer, seen=frame.seen,
                                               traceparent=frame.traceparent)
@@ -303,12 +308,14 @@ class Connection:
         if isinstance(frame, Cancel):
             flt = _normalized_filter(frame.filter)
             others = _cancel_rights(who, frame.session, flt)
+            await app.limiter.take(CANCELS, who.client_id)
             hub = await app.existing_hub(frame.session)
             result, durable = await hub.cancel(who.client_id, flt, frame.seen, may_cancel_others=others)
             return durable, ack_frame(frame.id, session=frame.session, request_id=result.request_id,
                                       cancelled=result.cancelled, rejected=result.rejected, pending=result.pending)
         if isinstance(frame, Regenerate):
             _require(who, frame.session, "publish")
+            await app.limiter.take(SENDS, who.client_id)
             hub = await app.existing_hub(frame.session)
             outcome, durable = await hub.regenerate(who.client_id, frame.message_id)
             self.touched.add(frame.session)
@@ -389,6 +396,8 @@ class TurnlineApp:
         self.verifier: Verifier = config.verifier or KeyVerifier.from_secret(config.secret or "")
         self.allowed_origins = frozenset(map(normalize_origin, config.cors_origins))
         self._lifespan_entered = False
+        # Sends, cancels and connections per client (turnline.server.limits; docs/limits.md).
+        self.limiter = limiter_for(runtime)
         routes = [
             WebSocketRoute("/v1/ws", self.ws_endpoint),  # under a root_path (__call__ takes the plain path)
             Route("/v1/sessions/{session}/messages", self.post_messages, methods=["POST"]),
@@ -462,10 +471,12 @@ class TurnlineApp:
         await self.runtime.store.open()
         try:
             await self.runtime.start()
+            await self.limiter.start()
             yield
         finally:
             if self.voice is not None:
                 await self.voice.close()
+            await self.limiter.close()
             await self.runtime.close()
             await self.runtime.store.close()
 
@@ -487,6 +498,13 @@ class TurnlineApp:
             self.runtime.metrics.frame_errors.labels(exc.code).inc()
             await ws.send_text(error_frame(None, exc.code, exc.message).decode())
             await ws.close(code=4401 if exc.code == ErrorCode.UNAUTHORIZED else 1011, reason=exc.code)
+            return
+        try:
+            slot = await self.limiter.connect(principal.client_id)
+        except CommandError as exc:
+            self.count_error(exc.code, exc.details)
+            await ws.send_text(error_frame(None, exc.code, exc.message, **exc.details).decode())
+            await ws.close(code=4429, reason=exc.code)
             return
         conn = Connection(self, ws, principal, ws.query_params.get("cancel_on_disconnect") in ("1", "true"))
         metrics = self.runtime.metrics
@@ -513,6 +531,7 @@ class TurnlineApp:
                     log.debug("writer ended: %r", writer.exception())
             else:
                 writer.cancel()
+            await self.limiter.disconnect(slot)
             await conn.on_close()
 
     # ------------------------------------------------------------ HTTP
@@ -564,13 +583,22 @@ class TurnlineApp:
             raise CommandError(ErrorCode.BAD_ID, f"invalid session id {session!r}")
         return session
 
+    def count_error(self, code: str, details: dict[str, Any]) -> None:
+        """Count an error answered to a client (a refusal by its limit too)."""
+        metrics = self.runtime.metrics
+        metrics.frame_errors.labels(code).inc()
+        if code == ErrorCode.RATE_LIMITED and "limit" in details:
+            metrics.limit_refusals.labels(details["limit"]).inc()
+
     async def _guard(self, request: Request, handler: Any) -> Response:
         try:
             return await handler()
         except CommandError as exc:
-            self.runtime.metrics.frame_errors.labels(exc.code).inc()
-            return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
-                                status_code=HTTP_STATUS.get(exc.code, 400))
+            self.count_error(exc.code, exc.details)
+            wait_ms = exc.details.get("retry_after_ms")
+            return JSONResponse({"error": {"code": exc.code, "message": exc.message, **exc.details}},
+                                status_code=HTTP_STATUS.get(exc.code, 400),
+                                headers={"retry-after": retry_after_header(wait_ms)} if wait_ms else None)
 
     async def post_messages(self, request: Request) -> Response:
         async def run() -> Response:
@@ -583,7 +611,7 @@ class TurnlineApp:
                     raise CommandError(ErrorCode.BAD_ID, f"invalid message id {m.id!r}")
             if not body.messages:
                 raise CommandError(ErrorCode.BAD_FRAME, "messages must not be empty")
-            hub = await self.runtime.hub(session)
+            hub = await self.limiter.take_then(SENDS, who.client_id, self.runtime.hub(session))
             outcome, durable = await hub.send(who.client_id, body.messages, policy=body.policy,
                                               parent_id=body.parent_id, steer=body.steer, seen=body.seen,
                                               traceparent=traceparent_header(request))
@@ -598,6 +626,7 @@ class TurnlineApp:
             body = await self._body(request, CancelBody)
             flt = _normalized_filter(body.filter)
             others = _cancel_rights(who, session, flt)
+            await self.limiter.take(CANCELS, who.client_id)
             hub = await self.existing_hub(session)
             result, durable = await hub.cancel(who.client_id, flt, body.seen, may_cancel_others=others)
             await durable

@@ -128,6 +128,9 @@ class RemoteHub:
                 args[key] = value
         if steer is None:
             args["turn_id"] = new_id("turn")
+            # The worker decides the turn limit (it alone writes the session),
+            # with this gateway's setting: `turnline serve` configures it.
+            args["max_turns"] = self.runtime.config.limits.max_turns_per_session
         result = await self.call("send", **args)
         return SendOutcome(**result), _durable()
 
@@ -144,7 +147,7 @@ class RemoteHub:
 
     async def regenerate(self, requester: str, message_id: str) -> tuple[SendOutcome, asyncio.Future[None]]:
         result = await self.call("regenerate", requester=requester, message_id=message_id,
-                                 turn_id=new_id("turn"))
+                                 turn_id=new_id("turn"), max_turns=self.runtime.config.limits.max_turns_per_session)
         return SendOutcome(**result), _durable()
 
 
@@ -258,7 +261,7 @@ class RemoteRuntime:
                     backoff = min(0.1, backoff * 2 or 0.001)
                     continue
                 if reply.error is not None:
-                    raise CommandError(reply.error.code, reply.error.message)
+                    raise CommandError(reply.error.code, reply.error.message, **reply.details)
                 return reply.result
         finally:
             self._pending.pop(cmd.rid, None)

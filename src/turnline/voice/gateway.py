@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from typing import Any
 
-from ..agent.runtime import CommandError
+from ..agent.runtime import CommandError, rate_limited
+from ..core.limits import AUDIO, CANCELS, SENDS, Bucket, retry_after_ms, take
 from ..protocol import ErrorCode, Interrupt, Played, Transcript, VoiceStart, VoiceStop, ack_frame, encode
 from ..protocol_audio import SAMPLE_RATE, AudioFrameError, check_audio_in, decode_audio
 from .metrics import voice_metrics
@@ -75,6 +78,11 @@ class VoiceGateway:
         self._peers: dict[str, Any] = {}  # session id → the connection that plays it
         self._claims: dict[str, _VoiceClaim] = {}  # session id → this gateway's claim on it (Redis only)
         self._releases: dict[str, asyncio.Task[None]] = {}  # session id → its claim being freed
+        # Audio-in per voice peer (one per session): a token bucket of bytes.
+        # ``clock`` (seconds, monotonic) may be replaced by a test that moves time itself.
+        self.audio_rate = self.runtime.config.limits.audio
+        self.clock = time.monotonic
+        self._audio_buckets: dict[str, Bucket] = {}
 
     def session(self, session_id: str) -> VoiceSession | None:
         return self.sessions.get(session_id)
@@ -146,6 +154,7 @@ class VoiceGateway:
         if self.sessions.get(voice.session_id) is voice:
             del self.sessions[voice.session_id]
             self._peers.pop(voice.session_id, None)
+            self._audio_buckets.pop(voice.session_id, None)
             claim = self._claims.pop(voice.session_id, None)
             if claim is not None:
                 # (not when the renewer itself closes the voice session: it would cancel that close)
@@ -185,7 +194,10 @@ class VoiceGateway:
             await self._peer_session(conn, frame.session).close("voice_stopped")
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Transcript):
-            await self._peer_session(conn, frame.session).transcript(frame.text, frame.final)
+            voice = self._peer_session(conn, frame.session)
+            if frame.final and frame.text.strip():  # a final transcript is a send
+                await self.app.limiter.take(SENDS, who.client_id)
+            await voice.transcript(frame.text, frame.final)
             return None, ack_frame(frame.id, session=frame.session)
         if isinstance(frame, Played):
             _require(who, frame.session, "publish")
@@ -202,6 +214,7 @@ class VoiceGateway:
             others = who.can(frame.session, "cancel-any")
             if who.client_id != voice.client_id and not others:
                 raise CommandError(ErrorCode.FORBIDDEN, "interrupting another client's voice needs cancel-any")
+            await self.app.limiter.take(CANCELS, who.client_id)
             it: Interruption | None
             if frame.mode == "speech":
                 it = await voice.interrupt_speech(frame.reason, requester=who.client_id)
@@ -224,7 +237,24 @@ class VoiceGateway:
         if voice is None or self._peers.get(frame.session) is not conn:
             raise AudioFrameError(ErrorCode.CONFLICT, f"this connection has not started voice on {frame.session} "
                                                       f"(send voice-start first)", frame.session)
+        self._take_audio(frame.session, len(frame.pcm))
         await voice.audio(frame.pcm)
+
+    def _take_audio(self, session_id: str, size: int) -> None:
+        """Refuse (the frame is dropped) audio over the peer's bytes per second."""
+        rate = self.audio_rate
+        if not rate.enabled:
+            return
+        self._audio_buckets[session_id], wait = take(self._audio_buckets.get(session_id), rate, self.clock(), size)
+        if wait == math.inf:
+            raise AudioFrameError(ErrorCode.TOO_LARGE, f"an audio frame of {size} bytes is over the audio burst "
+                                                       f"({rate.burst:g} bytes); send smaller frames", session_id)
+        if wait:
+            ms = retry_after_ms(wait)
+            exc = rate_limited(AUDIO, ms, f"audio-in over {rate.per_s:g} bytes/s (burst {rate.burst:g}); "
+                                          f"this frame was dropped; retry after {ms} ms")
+            exc.details["session"] = session_id
+            raise exc
 
     async def closed(self, conn: Any) -> None:
         for session_id, peer in list(self._peers.items()):

@@ -562,6 +562,11 @@ class VoiceSession:
                     fut.set_exception(exc)
                     fut.exception()
                 log.warning("voice input on %s was not sent: %r", self.session_id, exc)
+                if isinstance(exc, CommandError) and exc.code == ErrorCode.RATE_LIMITED:
+                    # Over a limit (the session's turns): the peer is told, not left waiting.
+                    self.runtime.metrics.limit_refusals.labels(exc.details.get("limit", "turns")).inc()
+                    self.sink.send_json({"op": "error", "id": None, "code": exc.code, "message": exc.message,
+                                         "session": self.session_id, **exc.details})
             else:
                 if not fut.done():
                     fut.set_result(None)
