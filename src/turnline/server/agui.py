@@ -18,7 +18,6 @@ this module is the thin loop around it. See ``docs/ag-ui.md``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Annotated, Any, AsyncIterator
 
@@ -35,12 +34,12 @@ from ..protocol import POLICIES, CancelFilter, ErrorCode, MessageIn, encode, is_
 from .agui_events import Delivered, RunTranslator, event_ids, parse_cursor
 from .app import TurnlineApp, cancel_rights, require
 from .auth import Principal
+from .sse import KEEPALIVE, paced, stream_until_gone
 
 log = logging.getLogger("turnline.server.agui")
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                (b"connection", b"keep-alive"), (b"x-accel-buffering", b"no")]
-KEEPALIVE = b": keep-alive\n\n"
 _TRUE = ("1", "true")
 
 
@@ -121,38 +120,24 @@ class RunStream:
         self.ended = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        relay = asyncio.ensure_future(self._relay(send))
-        gone = asyncio.ensure_future(_until_disconnect(receive))
         self.agui.open_streams.inc()
         try:
-            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            failure, gone = await stream_until_gone(receive, send, SSE_HEADERS, self._frames())
         finally:
             self.agui.open_streams.dec()
-            relay.cancel()
-            gone.cancel()
-            results = await asyncio.gather(relay, gone, return_exceptions=True)
-        if isinstance(results[0], Exception):
-            log.error("AG-UI stream of %s failed", self.session, exc_info=results[0])
-        if gone.done() and not gone.cancelled() and not self.ended:
+        if failure is not None:
+            log.error("AG-UI stream of %s failed", self.session, exc_info=failure)
+        if gone and not self.ended:
             cancel = self.cancel_on_disconnect and self.who.can(self.session, "cancel")
             if cancel:
                 await self.agui.cancel_dropped(self)
             self.agui.dropped.labels("true" if cancel else "false").inc()
             self.agui.disconnects += 1
 
-    async def _relay(self, send: Any) -> None:
-        async for data in self._frames():
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
     async def _frames(self) -> AsyncIterator[bytes]:
-        # The follow runs in its own task so keep-alive comments go out while
-        # the turn is quiet; the bounded queue holds it back for a slow reader.
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
         delivered = Delivered() if self.cursor is not None else None
 
-        async def pump() -> None:
+        async def pump(queue: asyncio.Queue[Any]) -> None:
             nonlocal delivered
             try:
                 async for batch in self.agui.runtime.store.follow(self.session, self.after):
@@ -190,35 +175,19 @@ class RunStream:
                 await queue.put((self.sent_seq, _frame(None, error)))
                 await queue.put(None)
 
-        task = asyncio.ensure_future(pump())
-        keepalive = self.agui.app.config.sse_keepalive_s
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), keepalive)
-                except asyncio.TimeoutError:
-                    yield KEEPALIVE
-                    continue
-                if item is None:
-                    self.ended = self.translator.ended or self.ended
-                    return
-                seq, data = item
-                yield data
-                self.sent_seq = seq
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async for item in paced(pump, self.agui.app.config.sse_keepalive_s):
+            if item is KEEPALIVE:
+                yield item
+                continue
+            seq, data = item
+            yield data
+            self.sent_seq = seq
+        self.ended = self.translator.ended or self.ended
 
 
 def _frame(event_id: str | None, event: dict[str, Any]) -> bytes:
     head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
     return head + b"data: " + encode(event) + b"\n\n"
-
-
-async def _until_disconnect(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---------------------------------------------------------------- routes

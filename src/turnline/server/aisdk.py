@@ -20,7 +20,6 @@ same one the WebSocket uses. See ``docs/ai-sdk.md``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
@@ -36,6 +35,7 @@ from ..protocol import CancelFilter, ErrorCode, Id, MessageIn, Policy, Seq, enco
 from .aisdk_snapshot import snapshot_cursor
 from .app import TurnlineApp, cancel_rights, require, traceparent_header
 from .auth import Principal
+from .sse import KEEPALIVE, paced, stream_until_gone
 
 log = logging.getLogger("turnline.server.aisdk")
 
@@ -49,7 +49,6 @@ UI_MESSAGE_STREAM_HEADERS = {
 }
 _RAW_HEADERS = [(k.encode(), v.encode()) for k, v in UI_MESSAGE_STREAM_HEADERS.items()]
 DONE = b"data: [DONE]\n\n"
-KEEPALIVE = b": keep-alive\n\n"
 
 # Chunk types of the UI message stream (the union of the ``ai`` majors 5 to 7,
 # plus every ``data-*``). Anything else in the log (an agent's private chunk)
@@ -198,33 +197,16 @@ class TurnStream:
         self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
-        relay = asyncio.ensure_future(self._relay(send))
-        gone = asyncio.ensure_future(_until_disconnect(receive))
-        try:
-            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            relay.cancel()
-            gone.cancel()
-            results = await asyncio.gather(relay, gone, return_exceptions=True)
-        if isinstance(results[0], Exception):
-            log.error("UI message stream of %s failed", self.session, exc_info=results[0])
-        if gone.done() and not gone.cancelled() and not self.ended:
+        failure, gone = await stream_until_gone(receive, send, _RAW_HEADERS, self._events())
+        if failure is not None:
+            log.error("UI message stream of %s failed", self.session, exc_info=failure)
+        if gone and not self.ended:
             if self.on_disconnect is not None:
                 await self.on_disconnect(self)
             self.aisdk.disconnects += 1
 
-    async def _relay(self, send: Any) -> None:
-        async for data in self._events():
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
     async def _events(self) -> AsyncIterator[bytes]:
-        # The follow runs in its own task so keep-alive comments go out while
-        # the turn is quiet; the bounded queue holds it back for a slow reader.
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
-
-        async def pump() -> None:
+        async def pump(queue: asyncio.Queue[Any]) -> None:
             try:
                 async for batch in self.aisdk.runtime.store.follow(self.session, self.after):
                     for seq, data in self._encode(batch):
@@ -238,29 +220,18 @@ class TurnStream:
                 await queue.put((self.sent_seq, _sse({"type": "error", "errorText": text})))
                 await queue.put((self.sent_seq, DONE))
 
-        task = asyncio.ensure_future(pump())
-        keepalive = self.aisdk.app.config.sse_keepalive_s
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), keepalive)
-                except asyncio.TimeoutError:
-                    yield KEEPALIVE
-                    continue
-                if item is None:
-                    return
-                seq, data = item
-                if data is DONE:
-                    self.ended = True
-                else:
-                    self.sent_seq = seq
-                yield data
-                if data is DONE:
-                    return
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async for item in paced(pump, self.aisdk.app.config.sse_keepalive_s):
+            if item is KEEPALIVE:
+                yield item
+                continue
+            seq, data = item
+            if data is DONE:
+                self.ended = True
+            else:
+                self.sent_seq = seq
+            yield data
+            if data is DONE:
+                return
 
     def _encode(self, batch: list[Any]) -> list[tuple[int, bytes]]:
         return [(seq, DONE if chunk is None else _sse(chunk)) for seq, chunk in self.chunks.feed(batch)]
@@ -268,11 +239,6 @@ class TurnStream:
 
 def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + encode(chunk) + b"\n\n"
-
-
-async def _until_disconnect(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---------------------------------------------------------------- routes

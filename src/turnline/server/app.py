@@ -36,6 +36,7 @@ from ..store.base import Record
 from .auth import AuthError, KeysUnavailable, KeyVerifier, Principal, Verifier, mint
 from .guards import cors_middleware, dev_token_refusal, guard_websocket_origin, normalize_origin
 from .limits import check_subscriptions, limiter_for
+from .sse import KEEPALIVE, paced
 
 log = logging.getLogger("turnline.server")
 
@@ -654,11 +655,7 @@ class TurnlineApp:
         return await self._guard(request, run)
 
     async def _sse(self, session: str, after: int) -> AsyncIterator[bytes]:
-        # Bounded: a slow reader holds the follow back (which then catches up
-        # from the log) instead of piling batches up in memory here.
-        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=64)
-
-        async def pump() -> None:
+        async def pump(queue: asyncio.Queue[Any]) -> None:
             try:
                 async for batch in self.runtime.store.follow(session, after):
                     await queue.put(batch)
@@ -667,20 +664,12 @@ class TurnlineApp:
                 # End the stream: the client reconnects with Last-Event-ID and resumes.
                 await queue.put(None)
 
-        task = asyncio.ensure_future(pump())
-        try:
-            yield b": turnline events\n\n"
-            while True:
-                try:
-                    batch = await asyncio.wait_for(queue.get(), self.config.sse_keepalive_s)
-                except asyncio.TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
-                if batch is None:
-                    return
+        yield b": turnline events\n\n"
+        async for batch in paced(pump, self.config.sse_keepalive_s):
+            if batch is KEEPALIVE:
+                yield batch
+            else:
                 yield b"".join(b"id: %d\nevent: %s\ndata: %s\n\n" % (r.seq, b"turnline", r.data) for r in batch)
-        finally:
-            task.cancel()
 
     async def get_messages(self, request: Request) -> Response:
         async def run() -> Response:
