@@ -627,8 +627,11 @@ class SessionHub:
 
             takes_turn = len(inspect.signature(hook).parameters) >= 2
             try:
-                await asyncio.wait_for(hook(write, turn) if takes_turn else hook(write),
-                                       self.runtime.config.abort_grace_s)
+                # In this task (wait_for would make one): a hook that writes
+                # without waiting is done in this step, its words and the
+                # turn-end in the same write as the cancel (see _emit_stopping).
+                async with asyncio.timeout(self.runtime.config.abort_grace_s):
+                    await (hook(write, turn) if takes_turn else hook(write))
             except asyncio.CancelledError:
                 # the turn's task is being stopped (its grace ran out): end the
                 # turn with what the hook wrote, then let the cancellation go on
