@@ -42,21 +42,30 @@ async def main(path, synchronous):
                 ChunkEvent(turn_id=f"t{w}", chunk={"type": "text-delta", "id": f"w{w}", "delta": f"{w}:{i}:{k}"})
                 for k in range(1 + i % 3)
             ]
-            records = await log.append(session, events)
+            if api == "append":
+                records = await log.append(session, events)
+            else:  # as the hub writes: append_then (inline commits when nothing else is in flight)
+                handed: asyncio.Future = asyncio.get_running_loop().create_future()
+                log.append_then(session, events, lambda r, e: handed.set_result(r) if e is None
+                                else handed.set_exception(e))
+                records = await handed
+                await asyncio.sleep(0)  # handed back within the call when inline: let the other writers run
             # Only now is the append acknowledged.
             out.write("".join(f"ack {session} {r.seq} {r.data.decode()}\n" for r in records))
             out.flush()
 
     await asyncio.gather(writer("a", 0), writer("a", 1), writer("b", 2), writer("c", 3))
 
+api = sys.argv[3]
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-async def run_and_kill(path: str, synchronous: str, acks: dict[tuple[str, int], bytes]) -> None:
+async def run_and_kill(path: str, synchronous: str, acks: dict[tuple[str, int], bytes],
+                       api: str = "append") -> None:
     """Start a writer on ``path``, SIGKILL it after ACKS_PER_ROUND new acknowledgements."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, path, synchronous,
+        sys.executable, "-c", WRITER, path, synchronous, api,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -127,13 +136,14 @@ async def check(path: str, acks: dict[tuple[str, int], bytes]) -> None:
         await log.close()
 
 
+@pytest.mark.parametrize("api", ["append", "append_then"])
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
-async def test_acknowledged_appends_survive_sigkill(tmp_path, synchronous: str) -> None:
+async def test_acknowledged_appends_survive_sigkill(tmp_path, synchronous: str, api: str) -> None:
     path = str(tmp_path / "crash.db")
     acks: dict[tuple[str, int], bytes] = {}
     # Several rounds on the same file: kill, recover, continue, kill again.
     for _ in range(ROUNDS):
-        await run_and_kill(path, synchronous, acks)
+        await run_and_kill(path, synchronous, acks, api)
         await check(path, acks)
     assert len(acks) >= ROUNDS * ACKS_PER_ROUND
 

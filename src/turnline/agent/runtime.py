@@ -482,12 +482,22 @@ class SessionHub:
 
     def _abort(self, turn_id: str, reason: str) -> None:
         turn = self.turns.get(turn_id)
-        if turn is None:
+        if turn is None or turn.aborted:
             return
-        if turn.abort_signal.abort(reason):
-            turn.trace.abort_fired(reason)
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
+        agent = self.runtime.agent
+        if agent is not None and agent.on_abort is not None:
+            # The turn ends once its hook has written, not once its handler
+            # noticed the abort. Made before the abort fires, so this runs
+            # before the handler unwinds and before the flush of the cancel
+            # being emitted: a hook that writes without waiting puts its words
+            # and the turn-end into the cancel's own write.
+            task = asyncio.ensure_future(self.end_turn(turn, "cancelled"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        turn.abort_signal.abort(reason)
+        turn.trace.abort_fired(reason)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.runtime.config.abort_grace_s, self._schedule_force_end, turn)
 
     def _emit_stopping(self, events: Sequence[AnyEvent], turn_ids: Sequence[str], *,
                        start_queued: bool = True) -> tuple[asyncio.Future[None], bool]:
@@ -495,23 +505,16 @@ class SessionHub:
         turns without waiting for their handlers to notice the abort: nothing
         a handler produces after it is kept (see Turn._write), so the log is
         the same either way. With no ``on_abort`` hook a turn ends here, in
-        the same write as the cancel; with one, the hook runs at once and the
-        turn ends when it has written. A handler's task runs on until it stops
-        (bounded by the abort grace). Returns the events' durable future and
-        whether a turn was ended here."""
+        the same write as the cancel; with one, its end was set going by
+        ``_abort``. A handler's task runs on until it stops (bounded by the
+        abort grace). Returns the events' durable future and whether a turn
+        was ended here."""
+        fut = self.emit(events)
         agent = self.runtime.agent
+        if agent is not None and agent.on_abort is not None:
+            return fut, False
         live = [self.turns[t] for t in turn_ids
                 if t in self.turns and self.turns[t].reason is None and self.state.is_active(t)]
-        if agent is not None and agent.on_abort is not None:
-            # Made before the emit below schedules its flush, so a hook that
-            # writes without waiting gets its words and the turn-end into the
-            # cancel's own write.
-            for turn in live:
-                task = asyncio.ensure_future(self.end_turn(turn, "cancelled"))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            return self.emit(events), False
-        fut = self.emit(events)
         for turn in live:
             self._close_turn(turn, "cancelled", None, start_queued=start_queued)
         return fut, bool(live)
@@ -625,11 +628,11 @@ class SessionHub:
             async def write(chunk: Any) -> None:
                 turn._write(chunk, final=True)
 
-            takes_turn = len(inspect.signature(hook).parameters) >= 2
+            takes_turn = _takes_turn(hook)
             try:
                 # In this task (wait_for would make one): a hook that writes
                 # without waiting is done in this step, its words and the
-                # turn-end in the same write as the cancel (see _emit_stopping).
+                # turn-end in the same write as the cancel (see _abort).
                 async with asyncio.timeout(self.runtime.config.abort_grace_s):
                     await (hook(write, turn) if takes_turn else hook(write))
             except asyncio.CancelledError:
@@ -718,6 +721,12 @@ class SessionHub:
             await asyncio.wait(tasks, timeout=self.runtime.config.abort_grace_s)
         while self._flushing or self._outbox:
             await asyncio.sleep(0.001)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_turn(hook: Any) -> bool:
+    """``on_abort(write, turn)`` rather than ``on_abort(write)`` (read once per hook)."""
+    return len(inspect.signature(hook).parameters) >= 2
 
 
 def _reply_for(turn_id: str) -> str:

@@ -3,7 +3,13 @@
 One file, stdlib ``sqlite3``, WAL journal. Appends are written by a single
 writer thread that does *group commit*: whatever was queued while the previous
 transaction committed (from any session) goes into the next transaction, so a
-burst of appends costs one commit, not one per append.
+burst of appends costs one commit, not one per append. An ``append_then``
+(how a session hub writes) made while nothing is queued or waiting to be
+handed back is committed on the event loop's thread instead, at once, on a
+connection of its own: a commit that does not sync (synchronous NORMAL or OFF)
+costs less than waking the writer and being woken by it. Those commits never
+checkpoint the WAL (the writer does, every ``CHECKPOINT_RECORDS`` records) and
+never wait for a lock another process holds (the append goes to the writer).
 
 Ordering. ``append`` assigns the seqs synchronously, before its first ``await``,
 from an in-memory next-seq per session (initialised from ``max(seq)`` the first
@@ -34,12 +40,16 @@ from collections import deque
 from typing import Callable, Sequence
 
 from ..protocol import AnyEvent
-from .base import EventLog, Record, StoreError, stamp
+from .base import AppendDone, EventLog, Record, StoreError, stamp
 
 SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 BUSY_TIMEOUT_S = 5.0
 READ_CHUNK = 256
+# Inline commits (see SQLiteEventLog.inline_commits) never checkpoint the WAL
+# on the loop thread; the writer does (on its own connection, without holding
+# up the inline writes), once this many records were committed inline since.
+CHECKPOINT_RECORDS = 2000
 _tuple_new = tuple.__new__  # builds a Record from a (seq, data) row without re-checking it
 
 _SCHEMA = (
@@ -70,12 +80,25 @@ _SESSIONS = (
 
 
 class _Append:
-    __slots__ = ("session", "records", "future")
+    """One queued append and who hears of it: ``done(records, None)`` or
+    ``done(None, error)``, once, on the event loop."""
 
-    def __init__(self, session: str, records: list[Record], future: asyncio.Future[list[Record]]):
+    __slots__ = ("session", "records", "done")
+
+    def __init__(self, session: str, records: list[Record], done: AppendDone):
         self.session = session
         self.records = records
-        self.future = future
+        self.done = done
+
+
+def _settle(future: asyncio.Future[list[Record]]) -> AppendDone:
+    def done(records: list[Record] | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(records)  # type: ignore[arg-type]
+            else:
+                future.set_exception(error)
+    return done
 
 
 class SQLiteEventLog(EventLog):
@@ -106,7 +129,8 @@ class SQLiteEventLog(EventLog):
     assumes no other writer).
     """
 
-    def __init__(self, path: str, *, synchronous: str = "NORMAL", batch_max: int = 512) -> None:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", batch_max: int = 512,
+                 inline_commits: bool = True) -> None:
         super().__init__()
         path = os.fspath(path)
         if not path or path == ":memory:" or path.startswith("file::memory:"):
@@ -119,6 +143,16 @@ class SQLiteEventLog(EventLog):
         self.path = path
         self.synchronous = mode
         self.batch_max = batch_max
+        # An append made while nothing is queued or waiting to be handed back
+        # is committed on the loop thread, at once: a commit that does not
+        # sync (WAL, synchronous NORMAL or OFF) costs less than waking the
+        # writer and being woken by it. Under load, appends queue up behind
+        # the writer's commit and are group-committed as before.
+        self.inline_commits = inline_commits and mode in ("OFF", "NORMAL")
+        self._undelivered = 0  # appends taken and not yet handed back (loop thread only)
+        self._iconn: sqlite3.Connection | None = None  # inline commits' own connection (loop thread only)
+        self._inline_records = 0  # committed inline since the writer's last checkpoint
+        self.inline_commit_count = 0
 
         self._cond = threading.Condition(threading.Lock())
         # Guarded by _cond: the queue of uncommitted appends, the next seq to
@@ -142,6 +176,15 @@ class SQLiteEventLog(EventLog):
         return sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
+
+    def _connect_inline(self) -> sqlite3.Connection:
+        # No busy wait (a lock held by another process sends the append to
+        # the writer instead of stalling the loop), and no checkpoint in a
+        # commit (that syncs files: the writer does it).
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
 
     def _connect_reader(self) -> sqlite3.Connection:
         conn = self._connect()
@@ -190,8 +233,12 @@ class SQLiteEventLog(EventLog):
         self._wconn = await asyncio.to_thread(self._setup)
         try:
             self._rconn = self._connect_reader()
+            if self.inline_commits:
+                self._iconn = self._connect_inline()
         except sqlite3.Error as exc:
             self._wconn.close()
+            if self._rconn is not None:
+                self._rconn.close()
             raise StoreError(f"{self.path}: cannot open a read connection: {exc}") from exc
         self._loop = loop
         self._stopped = loop.create_future()
@@ -211,22 +258,37 @@ class SQLiteEventLog(EventLog):
         await asyncio.shield(self._stopped)
         writer, self._writer = self._writer, None
         await asyncio.to_thread(writer.join)
-        if self._rconn is not None:
-            self._rconn.close()
-            self._rconn = None
+        for conn in (self._rconn, self._iconn):
+            if conn is not None:
+                conn.close()
+        self._rconn = self._iconn = None
 
     # ------------------------------------------------------------ writes
 
     async def append(self, session: str, events: Sequence[AnyEvent], *, fence: str | None = None) -> list[Record]:
         # ``fence`` is ignored: one process owns this log, so there is no lease to lose.
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            raise StoreError(
-                "SQLiteEventLog is not open" if self._loop is None else "SQLiteEventLog used from another event loop"
-            )
+        return await self.append_soon(session, events)
+
+    def append_soon(self, session: str, events: Sequence[AnyEvent], *,
+                    fence: str | None = None) -> asyncio.Future[list[Record]]:
+        # Always through the writer: a future settled before it is awaited
+        # would not yield, and a loop of awaited appends would starve the loop.
+        future: asyncio.Future[list[Record]] = asyncio.get_running_loop().create_future()
+        self._take(session, events, _settle(future), inline=False)
+        return future
+
+    def append_then(self, session: str, events: Sequence[AnyEvent], done: AppendDone, *,
+                    fence: str | None = None) -> None:
+        """Taken now (no task, no loop turn first): committed at once on this
+        thread when nothing else is in flight (see ``inline_commits``), else by
+        the writer; ``done`` is called straight from the delivery."""
+        self._take(session, events, done, inline=self.inline_commits)
+
+    def _take(self, session: str, events: Sequence[AnyEvent], done: AppendDone, *, inline: bool) -> None:
+        self._check_loop()
         if not events:
-            return []
-        future: asyncio.Future[list[Record]] = loop.create_future()
+            done([], None)
+            return
         with self._cond:
             if self._closing:
                 raise StoreError("SQLiteEventLog is closed")
@@ -239,9 +301,49 @@ class SQLiteEventLog(EventLog):
                 first = self._max_seq(self._rconn, session) + 1
             records = stamp(events, first)
             self._next[session] = first + len(records)
-            self._queue.append(_Append(session, records, future))
-            self._cond.notify()
-        return await future
+            append = _Append(session, records, done)
+            self._undelivered += 1
+            inline = inline and self._undelivered == 1
+            if not inline:
+                self._queue.append(append)
+                self._cond.notify()
+        if inline:
+            self._commit_inline(append)
+
+    def _commit_inline(self, append: _Append) -> None:
+        # Nothing is queued or in the writer's hands (else this append would
+        # have been queued behind it), so handing this one back at once keeps
+        # the order.
+        assert self._iconn is not None
+        try:
+            self._commit(self._iconn, [append])
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):  # another process holds the lock: let the writer wait
+                with self._cond:
+                    self._queue.append(append)
+                    self._cond.notify()
+                return
+            self._deliver_failure(self._discard_after_failure([append]), f"commit failed: {exc}", exc)
+        except Exception as exc:
+            self._deliver_failure(self._discard_after_failure([append]), f"commit failed: {exc}", exc)
+        else:
+            self.inline_commit_count += 1
+            due = self._inline_records < CHECKPOINT_RECORDS
+            self._inline_records += len(append.records)
+            if due and self._inline_records >= CHECKPOINT_RECORDS:
+                with self._cond:
+                    self._cond.notify()  # the writer checkpoints
+            self._deliver([append])
+
+    def _check_loop(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop is not self._loop:
+            raise StoreError(
+                "SQLiteEventLog is not open" if self._loop is None else "SQLiteEventLog used from another event loop"
+            )
 
     def _run_writer(self) -> None:
         conn = self._wconn
@@ -253,17 +355,21 @@ class SQLiteEventLog(EventLog):
         try:
             while True:
                 with cond:
-                    while not queue and not self._closing:
+                    while not queue and not self._closing and self._inline_records < CHECKPOINT_RECORDS:
                         cond.wait()
-                    if not queue:
+                    if not queue and self._closing:
                         break
-                    first = queue.popleft()
-                    batch = [first]
-                    size = len(first.records)
-                    while queue and size + len(queue[0].records) <= batch_max:
-                        item = queue.popleft()
-                        size += len(item.records)
-                        batch.append(item)
+                    if queue:
+                        first = queue.popleft()
+                        batch = [first]
+                        size = len(first.records)
+                        while queue and size + len(queue[0].records) <= batch_max:
+                            item = queue.popleft()
+                            size += len(item.records)
+                            batch.append(item)
+                if not batch:  # woken to checkpoint; outside the lock, so appends go on meanwhile
+                    self._checkpoint(conn)
+                    continue
                 try:
                     self._commit(conn, batch)
                 except Exception as exc:
@@ -284,6 +390,15 @@ class SQLiteEventLog(EventLog):
             except sqlite3.Error:
                 pass
             self._post(self._writer_stopped)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """On the writer thread: move what inline commits left in the WAL
+        into the database (they never checkpoint on the loop thread)."""
+        self._inline_records = 0
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass  # the next one tries again; the WAL only grows meanwhile
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, batch: list[_Append]) -> None:
@@ -325,6 +440,7 @@ class SQLiteEventLog(EventLog):
     # The three callbacks below run on the event loop thread.
 
     def _deliver(self, batch: list[_Append]) -> None:
+        self._undelivered -= len(batch)
         publish = self.feed.publish
         for a in batch:
             try:
@@ -334,16 +450,22 @@ class SQLiteEventLog(EventLog):
                 self._loop.call_exception_handler(
                     {"message": "SQLiteEventLog: publishing to the live feed failed", "exception": exc}
                 )
-            if not a.future.done():
-                a.future.set_result(a.records)
+            self._hand_back(a, a.records, None)
 
-    @staticmethod
-    def _deliver_failure(failed: list[_Append], message: str, cause: BaseException) -> None:
+    def _hand_back(self, append: _Append, records: list[Record] | None, error: BaseException | None) -> None:
+        try:
+            append.done(records, error)
+        except Exception as exc:  # a done that raises must not keep the rest of the batch waiting
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": "SQLiteEventLog: an append's callback failed",
+                                               "exception": exc})
+
+    def _deliver_failure(self, failed: list[_Append], message: str, cause: BaseException) -> None:
+        self._undelivered -= len(failed)
         for a in failed:
-            if not a.future.done():
-                err = StoreError(message)
-                err.__cause__ = cause
-                a.future.set_exception(err)
+            err = StoreError(message)
+            err.__cause__ = cause
+            self._hand_back(a, None, err)
 
     def _writer_stopped(self) -> None:
         if self._stopped is not None and not self._stopped.done():
