@@ -30,10 +30,29 @@ def ev(tag: str) -> ChunkEvent:
     return ChunkEvent(turn_id="t1", chunk={"type": "text-delta", "id": "x", "delta": tag})
 
 
+class Clock:
+    """The store's clock for the gaps between appends; it moves when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.now += 2 * sqlite_store.INLINE_MEAN_GAP_S  # appends this far apart leave the mean above the bound
+
+
+async def opened(path: str, **options) -> tuple[SQLiteEventLog, Clock]:
+    store = SQLiteEventLog(path, **options)
+    store.clock = clock = Clock()
+    await store.open()
+    return store, clock
+
+
 @pytest.fixture
 async def log(tmp_path):
-    store = SQLiteEventLog(str(tmp_path / "events.db"))
-    await store.open()
+    store, _ = await opened(str(tmp_path / "events.db"))
     try:
         yield store
     finally:
@@ -61,6 +80,30 @@ async def test_an_append_then_while_idle_is_committed_before_done_returns(log: S
     assert log.inline_commit_count == 1
 
 
+async def test_appends_in_quick_succession_go_to_the_writer_to_be_group_committed(tmp_path) -> None:
+    store, clock = await opened(str(tmp_path / "events.db"))
+    try:
+        got: list[int] = []
+        n = 400
+        for _ in range(n):  # a busy server: an append every 10 µs
+            clock.now += 0.00001
+            store.append_then("s", [ev("x")], lambda r, e: got.extend(x.seq for x in r or []))
+            await asyncio.sleep(0)
+        async with asyncio.timeout(WAIT):
+            while len(got) < n:
+                await asyncio.sleep(0.001)
+        assert got == list(range(1, n + 1))
+        busy = store.inline_commit_count
+        # Inline while the mean (starting at "idle") stays above INLINE_MEAN_GAP_S,
+        # about the first hundred; none of the last two hundred.
+        assert 50 < busy < n - 200
+        clock.now += 5.0  # quiet again
+        store.append_then("s", [ev("y")], lambda r, e: got.extend(x.seq for x in r or []))
+        assert got[-1] == n + 1 and store.inline_commit_count == busy + 1
+    finally:
+        await store.close()
+
+
 async def test_inline_and_queued_appends_keep_call_order(log: SQLiteEventLog) -> None:
     outcomes: list[list[int]] = []
     published: list[int] = []
@@ -77,6 +120,7 @@ async def test_inline_and_queued_appends_keep_call_order(log: SQLiteEventLog) ->
     assert outcomes == [[2], [3, 4]]
     assert log.inline_commit_count == 0
     # Idle again: the next one is inline, and the feed stays in order.
+    log.clock.step()  # type: ignore[attr-defined]
     log.append_then("s", [ev("e")], lambda r, e: outcomes.append([x.seq for x in r or []]))
     assert outcomes[-1] == [5] and log.inline_commit_count == 1
     async with asyncio.timeout(WAIT):
@@ -106,14 +150,15 @@ async def test_a_lock_held_elsewhere_sends_the_append_to_the_writer(log: SQLiteE
 async def test_the_wal_inline_commits_leave_is_checkpointed_by_the_writer(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_RECORDS", 50)
     path = str(tmp_path / "events.db")
-    store = SQLiteEventLog(path)
-    await store.open()
+    store, clock = await opened(path)
     try:
         size_before = os.path.getsize(path)
         for i in range(49):
+            clock.step()
             store.append_then("s", [ev("x" * 2000 + str(i))], lambda r, e: None)
         assert store.inline_commit_count == 49
         assert os.path.getsize(path) == size_before  # the records are in the WAL only
+        clock.step()
         store.append_then("s", [ev("the fiftieth")], lambda r, e: None)  # the threshold: the writer is woken
         async with asyncio.timeout(WAIT):
             while os.path.getsize(path) == size_before:  # it checkpoints them into the database file
@@ -124,8 +169,7 @@ async def test_the_wal_inline_commits_leave_is_checkpointed_by_the_writer(tmp_pa
 
 
 async def test_full_synchronous_never_commits_inline(tmp_path) -> None:
-    store = SQLiteEventLog(str(tmp_path / "events.db"), synchronous="FULL")
-    await store.open()
+    store, _ = await opened(str(tmp_path / "events.db"), synchronous="FULL")
     try:
         got: list[int] = []
         store.append_then("s", [ev("1")], lambda r, e: got.extend(x.seq for x in r or []))

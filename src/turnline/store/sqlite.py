@@ -7,7 +7,9 @@ burst of appends costs one commit, not one per append. An ``append_then``
 (how a session hub writes) made while nothing is queued or waiting to be
 handed back is committed on the event loop's thread instead, at once, on a
 connection of its own: a commit that does not sync (synchronous NORMAL or OFF)
-costs less than waking the writer and being woken by it. Those commits never
+costs less than waking the writer and being woken by it. Only while appends
+come apart (``INLINE_MEAN_GAP_S`` on average): a busy server's appends go to
+the writer and are group-committed. Those commits never
 checkpoint the WAL (the writer does, every ``CHECKPOINT_RECORDS`` records) and
 never wait for a lock another process holds (the append goes to the writer).
 
@@ -36,6 +38,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from typing import Callable, Sequence
 
@@ -50,6 +53,12 @@ READ_CHUNK = 256
 # on the loop thread; the writer does (on its own connection, without holding
 # up the inline writes), once this many records were committed inline since.
 CHECKPOINT_RECORDS = 2000
+# Inline commits only while appends come this far apart on average (an
+# exponential mean over about the last 16): a busy server's appends go to the
+# writer, which commits what queued meanwhile in one transaction, where an
+# inline commit per append would cost a transaction each.
+INLINE_MEAN_GAP_S = 0.001
+_GAP_WEIGHT = 1 / 16
 _tuple_new = tuple.__new__  # builds a Record from a (seq, data) row without re-checking it
 
 _SCHEMA = (
@@ -152,6 +161,9 @@ class SQLiteEventLog(EventLog):
         self._undelivered = 0  # appends taken and not yet handed back (loop thread only)
         self._iconn: sqlite3.Connection | None = None  # inline commits' own connection (loop thread only)
         self._inline_records = 0  # committed inline since the writer's last checkpoint
+        self.clock: Callable[[], float] = time.monotonic  # for the gaps between appends; tests set their own
+        self._last_append = 0.0
+        self._mean_gap = 1.0  # seconds between appends, an exponential mean (a new log: idle)
         self.inline_commit_count = 0
 
         self._cond = threading.Condition(threading.Lock())
@@ -303,7 +315,10 @@ class SQLiteEventLog(EventLog):
             self._next[session] = first + len(records)
             append = _Append(session, records, done)
             self._undelivered += 1
-            inline = inline and self._undelivered == 1
+            now = self.clock()
+            self._mean_gap += (min(now - self._last_append, 1.0) - self._mean_gap) * _GAP_WEIGHT
+            self._last_append = now
+            inline = inline and self._undelivered == 1 and self._mean_gap >= INLINE_MEAN_GAP_S
             if not inline:
                 self._queue.append(append)
                 self._cond.notify()
